@@ -1,0 +1,177 @@
+"""The ``zoo`` command line: build, validate, plugins, presets, schema."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+app = typer.Typer(
+    help="xlstm-zoo: build, inspect and save xLSTM mLSTM models from plugins.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+EXIT_BAD_INPUT = 2
+MAX_ERRORS_SHOWN = 15
+
+
+def _show_input(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def report_validation_error(source: str, exc: ValidationError) -> None:
+    """Print one line per error: the dotted field path, the message and the offending input."""
+    errors = exc.errors(include_url=False)
+    err.print(f"[bold red]invalid config[/] {escape(source)}: {len(errors)} error(s)")
+    for e in errors[:MAX_ERRORS_SHOWN]:
+        loc = ".".join(str(part) for part in e["loc"]) or "(top level)"
+        err.print(f"  [bold]{escape(loc)}[/]: {escape(e['msg'])}  [dim](got {escape(_show_input(e.get('input')))})[/]")
+    if len(errors) > MAX_ERRORS_SHOWN:
+        err.print(f"  ... and {len(errors) - MAX_ERRORS_SHOWN} more")
+
+
+@contextmanager
+def bad_input_exits(source: str) -> Iterator[None]:
+    """Turn user-input errors into a short message on stderr and exit code 2."""
+    from zoo.api import BuildError, ConfigSourceError
+    from zoo.registry import UnknownPluginError
+
+    try:
+        yield
+    except ValidationError as exc:
+        report_validation_error(source, exc)
+    except (ConfigSourceError, BuildError, UnknownPluginError, OSError) as exc:
+        err.print(f"[bold red]error:[/] {escape(str(exc))}")
+    else:
+        return
+    raise typer.Exit(EXIT_BAD_INPUT)
+
+
+ConfigArg = Annotated[str, typer.Argument(help="a config JSON file or a preset name (see `zoo presets`)")]
+
+
+@app.command()
+def validate(config: ConfigArg) -> None:
+    """Validate a config: exit 0 when valid, 2 (with the field paths) when not."""
+    from zoo.api import load_config
+
+    with bad_input_exits(config):
+        cfg = load_config(config)
+    out.print(f"[green]valid[/] {escape(config)}: {cfg.layer.layer_type}, {cfg.num_blocks} blocks, "
+              f"embedding_dim {cfg.embedding_dim}")
+
+
+@app.command()
+def build(
+    config: ConfigArg,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="checkpoint directory "
+                                                  "(default: checkpoints/<config name>)")] = None,
+    seed: Annotated[int, typer.Option(help="PRNG seed of the initialisation")] = 0,
+    abstract: Annotated[bool, typer.Option("--abstract", help="only compute shapes and sizes; "
+                                           "allocate and save nothing")] = False,
+) -> None:
+    """Validate CONFIG, resolve its plugins, initialise the model, print a summary and save a checkpoint."""
+    import jax
+
+    from zoo.api import check_devices, init_params, load_config, param_shapes
+    from zoo.export.checkpoint import save
+    from zoo.summary import summary
+
+    with bad_input_exits(config):
+        cfg = load_config(config)
+        shapes = param_shapes(cfg)
+        out.print(summary(cfg, shapes))
+        if abstract:
+            return
+        check_devices(cfg)
+    target = out_dir or Path("checkpoints") / Path(config).stem
+    with out.status(f"initialising with seed {seed} on {jax.devices()[0].platform}"):
+        start = time.perf_counter()
+        params = jax.block_until_ready(init_params(cfg, seed))
+        init_s = time.perf_counter() - start
+    with out.status(f"saving to {target}"), bad_input_exits(str(target)):
+        start = time.perf_counter()
+        step_dir = save(target, cfg, params)
+        save_s = time.perf_counter() - start
+    out.print(f"initialised in {init_s:.2f} s; saved Orbax checkpoint {escape(str(step_dir))} in {save_s:.2f} s")
+
+
+@app.command()
+def plugins(as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False) -> None:
+    """List every registered name per kind with its origin and version, and plugins that failed to load."""
+    from zoo.registry import describe, get_registry
+
+    reg = get_registry()
+    if as_json:
+        print(json.dumps({
+            "registered": [{"kind": e.kind, "name": e.name, "plugin": e.plugin, "dist": e.dist, "version": e.version,
+                            "description": e.metadata.get("description")} for e in describe()],
+            "plugins": [p.as_dict() for p in reg.plugins.values()],
+        }, indent=2))
+        return
+    table = Table(title="Registered plugins", title_justify="left")
+    for column in ("kind", "name", "plugin", "distribution", "description"):
+        table.add_column(column)
+    for e in describe():
+        table.add_row(e.kind, e.name, e.plugin, f"{e.dist or '-'} {e.version or ''}".strip(),
+                      escape(str(e.metadata.get("description", ""))))
+    out.print(table)
+    failures = reg.failures()
+    if failures:
+        failed = Table(title="Plugins that failed to load", title_justify="left", style="red")
+        failed.add_column("plugin")
+        failed.add_column("distribution")
+        failed.add_column("error")
+        for p in failures:
+            failed.add_row(p.name, f"{p.dist or '-'} {p.version or ''}".strip(), escape(p.error or ""))
+        out.print(failed)
+
+
+@app.command()
+def presets() -> None:
+    """List the shipped presets with their sizes and parameter counts."""
+    from zoo import presets as preset_files
+    from zoo.api import load_config, param_count
+
+    table = Table(title="Presets", title_justify="left")
+    for column in ("name", "layer_type", "embedding_dim", "num_blocks", "num_heads", "dtype", "params"):
+        table.add_column(column, justify="left" if column in ("name", "layer_type", "dtype") else "right")
+    for name in preset_files.names():
+        cfg = load_config(name)
+        table.add_row(name, cfg.layer.layer_type, str(cfg.embedding_dim), str(cfg.num_blocks),
+                      str(cfg.layer.num_heads), cfg.dtype, f"{param_count(cfg):,}")
+    out.print(table)
+
+
+@app.command()
+def schema() -> None:
+    """Print the JSON Schema of config files (plugin-name fields list the registered names)."""
+    from zoo.config import ModelConfig
+
+    print(json.dumps(ModelConfig.model_json_schema(), indent=2))
+
+
+def main(argv: list[str] | None = None) -> Callable[..., Any] | None:
+    """Console-script entry point."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    return app(args=argv if argv is not None else sys.argv[1:], prog_name="zoo")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Artifacts: Orbax checkpoints (and, later, StableHLO and SavedModel exports)."""

@@ -1,0 +1,36 @@
+"""Initializers by plugin name: ``initializer("small", "normal", dim)`` and gate-bias inits."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from zoo.registry import resolve
+
+Initializer = Callable[..., jax.Array]
+
+
+def initializer(fn: str, distribution: str, dim: int, num_blocks: int = 1) -> Initializer:
+    """The JAX initializer of init function ``fn`` drawing from ``distribution``."""
+    return resolve("init", fn)(dim, num_blocks, resolve("distribution", distribution))
+
+
+def linspace_init(start: float, end: float) -> Initializer:
+    """1-D init with ``linspace(start, end, n)`` (both ends included; n=1 gives [start])."""
+
+    def init(key, shape, dtype=jnp.float32):
+        (n,) = shape
+        return jnp.linspace(start, end, n, dtype=dtype) if n > 1 else jnp.full(shape, start, dtype)
+
+    return init
+
+
+def gate_bias_init(spec: tuple[float, float] | float | None) -> Initializer:
+    """Gate-bias init from a config value: tuple → linspace, float → constant, None → N(0, 0.1²)."""
+    if spec is None:
+        return jax.nn.initializers.normal(0.1)
+    if isinstance(spec, tuple | list):
+        return linspace_init(*spec)
+    return jax.nn.initializers.constant(spec)

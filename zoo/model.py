@@ -1,0 +1,144 @@
+"""The xLSTM language model: token embedding, pre-norm residual blocks, final norm, LM head.
+
+The layer, norm, init and cell implementations are resolved by name through the registry.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from zoo.config import BlockConfig, FeedForwardConfig, ModelConfig
+from zoo.initializers import initializer
+from zoo.registry import resolve
+
+ACTIVATIONS = {
+    "gelu": nn.gelu,  # tanh approximation, as in the reference
+    "relu": nn.relu,
+    "relu^2": lambda x: jnp.square(nn.relu(x)),
+    "sigmoid": nn.sigmoid,
+    "swish": nn.silu,
+    "selu": nn.selu,
+}
+
+
+def _norm(name: str, eps: float, dtype: Any, module_name: str, parent: Any = None) -> nn.Module:
+    kwargs = {} if parent is None else {"parent": parent}
+    return resolve("norm", name)(eps=eps, dtype=dtype, name=module_name, **kwargs)
+
+
+class FeedForward(nn.Module):
+    """``ffn_gated``: ``proj_down(act(proj_up_gate(x)) * proj_up(x))``; ``ffn``: ``proj_down(act(proj_up(x)))``."""
+
+    config: FeedForwardConfig
+    num_blocks: int = 1
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, deterministic: bool = True) -> jax.Array:
+        cfg = self.config
+        D, P = x.shape[-1], cfg.proj_up_dim
+        dense = partial(nn.Dense, use_bias=cfg.bias, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.float32,
+                        kernel_init=initializer("small", cfg.init_distribution, D))
+        act = ACTIVATIONS[cfg.act_fn]
+        if cfg.ff_type == "ffn_gated":
+            h = act(dense(P, name="proj_up_gate")(x)) * dense(P, name="proj_up")(x)
+        else:
+            h = act(dense(P, name="proj_up")(x))
+        out_init = initializer(cfg.output_init_fn, cfg.init_distribution, D, self.num_blocks)
+        y = dense(D, kernel_init=out_init, name="proj_down")(h)
+        return nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
+
+
+class ResidualBlock(nn.Module):
+    """``x + post_norm?(layer(norm(x)))``, then ``x + post_norm?(ffn(norm(x)))`` when an FFN is configured.
+
+    Block norms use the model ``norm_type`` and ``mlstm_cell.norm_eps`` (reference §2.8).
+    """
+
+    config: BlockConfig
+    num_blocks: int
+    remat: tuple[str, ...] = ()
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x: jax.Array, document_borders: jax.Array | None = None) -> jax.Array:
+        cfg, deterministic = self.config, self.deterministic
+        layer_cfg = cfg.mlstm
+        eps, norm_type, dtype = layer_cfg.mlstm_cell.norm_eps, layer_cfg.norm_type, jnp.dtype(layer_cfg.dtype)
+        layer_cls = resolve("layer", layer_cfg.layer_type)
+
+        def mlstm_branch(module: nn.Module, x: jax.Array, borders: jax.Array | None) -> jax.Array:
+            y = layer_cls(layer_cfg, self.num_blocks, parent=module, name="xlstm")(
+                _norm(norm_type, eps, dtype, "xlstm_norm", module)(x), document_borders=borders,
+                deterministic=deterministic)
+            return _norm(norm_type, eps, dtype, "xlstm_post_norm", module)(y) if cfg.add_post_norm else y
+
+        def ffn_branch(module: nn.Module, x: jax.Array) -> jax.Array:
+            y = FeedForward(cfg.feedforward, self.num_blocks, parent=module, name="ffn")(
+                _norm(norm_type, eps, dtype, "ffn_norm", module)(x), deterministic=deterministic)
+            return _norm(norm_type, eps, dtype, "ffn_post_norm", module)(y) if cfg.add_post_norm else y
+
+        if "xLSTMResBlock" in self.remat:
+            mlstm_branch = nn.remat(mlstm_branch, prevent_cse=False)
+        x = x + mlstm_branch(self, x, document_borders)
+        if cfg.feedforward is not None:
+            if "FFNResBlock" in self.remat:
+                ffn_branch = nn.remat(ffn_branch, prevent_cse=False)
+            x = x + ffn_branch(self, x)
+        return x
+
+
+class _ScannedBlock(ResidualBlock):
+    """``ResidualBlock`` in ``nn.scan``'s carry convention."""
+
+    @nn.compact
+    def __call__(self, x, document_borders):  # type: ignore[override]
+        return super().__call__(x, document_borders), None
+
+
+class LMModel(nn.Module):
+    """``tokens (B, S) int32 -> logits (B, S, vocab_size) float32``."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array, document_borders: jax.Array | None = None,
+                 deterministic: bool = True) -> jax.Array:
+        cfg = self.config
+        S = tokens.shape[-1]
+        if cfg.context_length > 0 and S > cfg.context_length:
+            raise ValueError(f"sequence length {S} exceeds context_length={cfg.context_length}")
+        D, dtype = cfg.embedding_dim, jnp.dtype(cfg.dtype)
+        embed = nn.Embed(cfg.vocab_size, D, dtype=dtype, param_dtype=jnp.float32,
+                         embedding_init=initializer("small", cfg.init_distribution_embed, D), name="token_embedding")
+        x = embed(tokens)
+        if cfg.add_embedding_dropout:
+            x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
+        remat = tuple(cfg.parallel.remat) if cfg.parallel else ()
+        block_cls = _ScannedBlock if cfg.scan_blocks else ResidualBlock
+        if "mLSTMBlock" in remat:
+            block_cls = nn.remat(block_cls, prevent_cse=False)
+        block_args = (cfg.mlstm_block, cfg.num_blocks, remat, deterministic)
+        if cfg.scan_blocks:
+            stack = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                            in_axes=nn.broadcast, length=cfg.num_blocks)
+            x, _ = stack(*block_args, name="blocks")(x, document_borders)
+        else:
+            for idx in range(cfg.num_blocks):
+                x = block_cls(*block_args, name=f"blocks_{idx}")(x, document_borders)
+        if cfg.add_post_blocks_norm:
+            x = _norm(cfg.norm_type, cfg.norm_eps, dtype, "out_norm")(x)
+        head_dtype = jnp.dtype(cfg.lm_head_dtype)
+        if cfg.tie_weights:
+            logits = embed.attend(x.astype(head_dtype))
+        else:
+            logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=head_dtype, param_dtype=jnp.float32,
+                              kernel_init=initializer("small", cfg.init_distribution_out, D), name="lm_head")(x)
+        logits = logits.astype(jnp.float32)
+        if cfg.logits_soft_cap is not None:
+            logits = cfg.logits_soft_cap * jnp.tanh(logits / cfg.logits_soft_cap)
+        return logits

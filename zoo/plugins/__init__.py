@@ -1,0 +1,9 @@
+"""Built-in plugins. Each module registers itself through the same hooks a third party uses."""
+
+BUILTIN_MODULES = (
+    "zoo.plugins.norms",
+    "zoo.plugins.inits",
+    "zoo.plugins.cells.parallel",
+    "zoo.plugins.layers.mlstm",
+    "zoo.plugins.layers.mlstm_v1",
+)

@@ -1,0 +1,119 @@
+"""Building blocks shared by the built-in layer plugins: headwise projections, causal conv, gates, cell call."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from zoo.config import CellConfig
+from zoo.initializers import Initializer
+from zoo.registry import resolve
+
+
+def is_integer(x: float) -> bool:
+    """True when ``x`` is an integer up to float round-off."""
+    return abs(x - round(x)) < 1e-9
+
+
+class LinearHeadwiseExpand(nn.Module):
+    """Block-diagonal projection: ``num_blocks`` groups of ``b`` inputs, group h mapped by its own ``W[h]``.
+
+    ``x (..., num_blocks·b) -> (..., num_blocks·out_per_block)``; kernel ``(num_blocks, out_per_block, b)``.
+    """
+
+    num_blocks: int
+    out_per_block: int
+    use_bias: bool
+    kernel_init: Initializer
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b = x.shape[-1] // self.num_blocks
+        kernel = self.param("kernel", self.kernel_init, (self.num_blocks, self.out_per_block, b), jnp.float32)
+        xs = x.astype(self.dtype).reshape(*x.shape[:-1], self.num_blocks, b)
+        y = jnp.einsum("...hi,hoi->...ho", xs, kernel.astype(self.dtype))
+        y = y.reshape(*x.shape[:-1], self.num_blocks * self.out_per_block)
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, (y.shape[-1],), jnp.float32).astype(self.dtype)
+        return y
+
+
+class CausalConv1d(nn.Module):
+    """Depthwise causal conv over time: ``y[t,c] = bias[c] + Σ_j W[j,0,c]·x[t-K+1+j, c]`` (zero left padding).
+
+    ``x (B, S, C) -> (B, S, C)``; kernel ``(K, 1, C)`` and bias ``(C,)``, both U(±1/√K).
+    """
+
+    kernel_size: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        K, C = self.kernel_size, x.shape[-1]
+        bound = 1.0 / math.sqrt(K)
+        init = nn.initializers.uniform(2 * bound)
+
+        def shifted(key, shape, dtype=jnp.float32):
+            return init(key, shape, dtype) - bound
+
+        kernel = self.param("kernel", shifted, (K, 1, C), jnp.float32).astype(self.dtype)
+        bias = self.param("bias", shifted, (C,), jnp.float32).astype(self.dtype)
+        S = x.shape[-2]
+        xp = jnp.pad(x.astype(self.dtype), ((0, 0),) * (x.ndim - 2) + ((K - 1, 0), (0, 0)))
+        return bias + sum(kernel[j, 0] * xp[..., j:j + S, :] for j in range(K))
+
+
+class GateProjection(nn.Module):
+    """Gate pre-activations ``(B, S, NH)`` from one or more inputs; kernel zeros, bias from ``bias_init``.
+
+    Dense: the inputs are concatenated, kernel ``(F, NH)``. Headwise: every input is split into NH
+    slices, regrouped per head as ``[x1_h | x2_h | ...]``, and head h sees only its slice; kernel
+    ``(NH, 1, F/NH)``.
+    """
+
+    num_heads: int
+    headwise: bool
+    bias_init: Initializer
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, inputs: Sequence[jax.Array]) -> jax.Array:
+        xs = [x.astype(self.dtype) for x in inputs]
+        bias = self.param("bias", self.bias_init, (self.num_heads,), jnp.float32)
+        if self.headwise:
+            x = jnp.concatenate([x.reshape(*x.shape[:-1], self.num_heads, -1) for x in xs], axis=-1)
+            kernel = self.param("kernel", nn.initializers.zeros, (self.num_heads, 1, x.shape[-1]), jnp.float32)
+            y = jnp.einsum("...hi,hoi->...ho", x, kernel.astype(self.dtype))[..., 0]
+        else:
+            x = jnp.concatenate(xs, axis=-1)
+            kernel = self.param("kernel", nn.initializers.zeros, (x.shape[-1], self.num_heads), jnp.float32)
+            y = x @ kernel.astype(self.dtype)
+        return y + bias.astype(self.dtype)
+
+
+def run_cell(cell: CellConfig, q: jax.Array, k: jax.Array, v: jax.Array, i: jax.Array, f: jax.Array,
+             document_borders: jax.Array | None) -> jax.Array:
+    """Soft-cap the gates, apply the document reset, and run the configured backend.
+
+    ``q, k (B, S, NH, DQK)``, ``v (B, S, NH, DV)``, ``i, f (B, S, NH)`` -> ``h (B, S, NH, DV)``.
+    """
+    if cell.gate_soft_cap is not None:
+        cap = cell.gate_soft_cap
+        i, f = cap * jnp.tanh(i / cap), cap * jnp.tanh(f / cap)
+    if cell.reset_at_document_boundaries and document_borders is not None:
+        f = jnp.where(document_borders[..., None], jnp.asarray(cell.reset_fgate_value, f.dtype), f)
+    backend = resolve("cell", cell.backend.name)
+    q, k, v, i, f = (jnp.swapaxes(a, 1, 2) for a in (q, k, v, i, f))  # to the cell's heads-first layout
+    h = backend(q, k, v, i, f, **cell.backend.kwargs)
+    return jnp.swapaxes(h, 1, 2)
+
+
+def make_norm(norm_type: str, eps: float, dtype: Any, scale_ndim: int = 1, *, name: str) -> nn.Module:
+    """Instantiate the norm plugin ``norm_type``."""
+    return resolve("norm", norm_type)(eps=eps, dtype=dtype, scale_ndim=scale_ndim, name=name)

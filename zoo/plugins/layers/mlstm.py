@@ -1,0 +1,137 @@
+"""The ``mlstm`` layer: NeurIPS xLSTM's pre-up-projection block (causal conv, headwise q/k/v, skip, swish(z))."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from zoo.config import LayerConfig
+from zoo.initializers import gate_bias_init, initializer
+from zoo.plugins.layers.components import (
+    CausalConv1d,
+    GateProjection,
+    LinearHeadwiseExpand,
+    is_integer,
+    make_norm,
+    run_cell,
+)
+from zoo.registry import hookimpl
+
+
+def derived_sizes(cfg: LayerConfig) -> dict[str, int]:
+    """Inner width, projection blocks and per-head q/k and v widths (reference §3.1)."""
+    inner = cfg.proj_up_dim
+    blocks = inner // cfg.qkv_proj_blocksize
+    qk = blocks * (round(cfg.qk_dim_factor * inner) // blocks) if blocks else 0
+    v = int(inner * cfg.v_dim_factor)
+    gate_in = 2 * qk + v if cfg.gate_input == "qkv" else inner
+    return {"inner_dim": inner, "num_proj_blocks": blocks, "qk_dim": qk, "v_dim": v,
+            "qk_head_dim": qk // cfg.num_heads, "v_head_dim": v // cfg.num_heads, "gate_input_dim": gate_in}
+
+
+def check_config(cfg: LayerConfig) -> list[tuple[str, str]]:
+    """Size consistency of an ``mlstm`` layer, as ``(field, message)`` pairs."""
+    b, nh = cfg.qkv_proj_blocksize, cfg.num_heads
+    inner = cfg.proj_up_dim
+    if inner % b:
+        return [("qkv_proj_blocksize", f"must divide the inner width Di={inner} (proj_factor·embedding_dim "
+                                       f"rounded to {cfg.round_proj_up_to_multiple_of})")]
+    errors = []
+    for field in ("qk_dim_factor", "v_dim_factor"):
+        product = getattr(cfg, field) * b
+        if not is_integer(product):
+            errors.append((field, f"{field}·qkv_proj_blocksize = {product:g} must be an integer"))
+    if errors:
+        return errors
+    sizes = derived_sizes(cfg)
+    for name in ("qk_dim", "v_dim"):
+        if sizes[name] == 0 or sizes[name] % nh:
+            errors.append(("num_heads", f"num_heads={nh} must divide the {name.replace('_', ' ')} {sizes[name]}"))
+    if not errors and cfg.mlstm_cell.gate_linear_headwise and sizes["gate_input_dim"] % nh:
+        errors.append(("num_heads", f"num_heads={nh} must divide the gate input width {sizes['gate_input_dim']} "
+                                    f"for headwise gates"))
+    return errors
+
+
+class MLSTMCell(nn.Module):
+    """Gates, the configured cell backend and the multi-head out-norm of an ``mlstm`` layer."""
+
+    config: LayerConfig
+
+    @nn.compact
+    def __call__(self, q, k, v, gate_inputs, document_borders):
+        cell = self.config.mlstm_cell
+        gate = partial(GateProjection, self.config.num_heads, cell.gate_linear_headwise,
+                       dtype=jnp.dtype(cell.gate_dtype))
+        i = gate(gate_bias_init(cell.igate_bias_init_range), name="igate")(gate_inputs)
+        f = gate(gate_bias_init(cell.fgate_bias_init_range), name="fgate")(gate_inputs)
+        h = run_cell(cell, q, k, v, i, f, document_borders)
+        return make_norm(cell.norm_type, cell.norm_eps, jnp.dtype(self.config.dtype), 2, name="outnorm")(h)
+
+
+class MLSTMLayer(nn.Module):
+    """``(B, S, D) -> (B, S, D)``; the input is already normed by the block."""
+
+    config: LayerConfig
+    num_blocks: int = 1
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, document_borders: jax.Array | None = None,
+                 deterministic: bool = True) -> jax.Array:
+        cfg = self.config
+        sizes = derived_sizes(cfg)
+        B, S, D = x.shape
+        NH = cfg.num_heads
+        dtype = jnp.dtype(cfg.dtype)
+        small = initializer("small", cfg.init_distribution, D)
+        dense = partial(nn.Dense, use_bias=cfg.bias, dtype=dtype, param_dtype=jnp.float32, kernel_init=small)
+        x_m = dense(sizes["inner_dim"], name="proj_up_mlstm")(x)
+        z = dense(sizes["v_dim"], name="proj_up_z")(x)
+        if cfg.debug_cell:
+            y = z
+        else:
+            K = cfg.conv1d_kernel_size
+            x_c = CausalConv1d(K, dtype, name="conv1d")(x_m) if K > 0 else x_m
+            x_a = nn.silu(x_c)
+            blocks = sizes["num_proj_blocks"]
+            lhe = partial(LinearHeadwiseExpand, blocks, use_bias=cfg.bias, kernel_init=small, dtype=dtype)
+            qk_per_block = sizes["qk_dim"] // blocks
+            if cfg.vmap_qk:
+                stacked = nn.vmap(LinearHeadwiseExpand, variable_axes={"params": 0}, split_rngs={"params": True},
+                                  in_axes=None, out_axes=0, axis_size=2)
+                q, k = stacked(blocks, qk_per_block, cfg.bias, small, dtype, name="qk_proj")(x_a)
+            else:
+                q = lhe(qk_per_block, name="q_proj")(x_a)
+                k = lhe(qk_per_block, name="k_proj")(x_a)
+            v = lhe(sizes["v_dim"] // blocks, name="v_proj")(x_m)
+            gate_inputs = {"qkv": (q, k, v), "x_mlstm": (x_m,), "x_mlstm_conv": (x_c,),
+                           "x_mlstm_conv_act": (x_a,)}[cfg.gate_input]
+            q = q.reshape(B, S, NH, -1)
+            k = k.reshape(B, S, NH, -1)
+            if cfg.mlstm_cell.add_qk_norm:
+                q = make_norm(cfg.norm_type, cfg.mlstm_cell.norm_eps, dtype, name="q_norm")(q)
+                k = make_norm(cfg.norm_type, cfg.mlstm_cell.norm_eps, dtype, name="k_norm")(k)
+            h = MLSTMCell(cfg, name="mlstm_cell")(q, k, v.reshape(B, S, NH, -1), gate_inputs, document_borders)
+            h = h.reshape(B, S, -1)
+            skip = x_a if sizes["v_dim"] == sizes["inner_dim"] else lhe(
+                sizes["v_dim"] // blocks, name="x_mlstm_conv_scaling")(x_a)
+            learnable_skip = self.param("learnable_skip", nn.initializers.ones, (sizes["v_dim"],), jnp.float32)
+            y = (h + learnable_skip.astype(dtype) * skip) * nn.silu(z)
+        out_init = initializer(cfg.output_init_fn, cfg.init_distribution, D, self.num_blocks)
+        y = dense(D, kernel_init=out_init, name="proj_down")(y)
+        return nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
+
+
+@hookimpl
+def register_layers(register):
+    register(
+        "mlstm",
+        MLSTMLayer,
+        derived_sizes=derived_sizes,
+        check_config=check_config,
+        unused_fields=("mlstm_cell.norm_type_v1",),
+        description="NeurIPS xLSTM mLSTM block: conv, headwise q/k/v, learnable skip, swish(z) output gate",
+    )

@@ -1,0 +1,75 @@
+"""The ``mlstm_v1`` layer: the xLSTM-7B post-up-projection layer (dense q/k/v, sigmoid output gate)."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from zoo.config import LayerConfig
+from zoo.initializers import gate_bias_init, initializer
+from zoo.plugins.layers.components import GateProjection, make_norm, run_cell
+from zoo.registry import hookimpl
+
+
+def derived_sizes(cfg: LayerConfig) -> dict[str, int]:
+    """Total and per-head q/k and v widths (reference §3.1)."""
+    qk = int(cfg.embedding_dim * cfg.qk_dim_factor)
+    v = int(cfg.embedding_dim * cfg.v_dim_factor)
+    return {"qk_dim": qk, "v_dim": v, "qk_head_dim": qk // cfg.num_heads, "v_head_dim": v // cfg.num_heads}
+
+
+def check_config(cfg: LayerConfig) -> list[tuple[str, str]]:
+    """Size consistency of an ``mlstm_v1`` layer, as ``(field, message)`` pairs."""
+    sizes = derived_sizes(cfg)
+    return [("num_heads", f"num_heads={cfg.num_heads} must divide the {name.replace('_', ' ')} {sizes[name]}")
+            for name in ("qk_dim", "v_dim") if sizes[name] == 0 or sizes[name] % cfg.num_heads]
+
+
+class MLSTMv1Layer(nn.Module):
+    """``(B, S, D) -> (B, S, D)``; the input is already normed by the block."""
+
+    config: LayerConfig
+    num_blocks: int = 1
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, document_borders: jax.Array | None = None,
+                 deterministic: bool = True) -> jax.Array:
+        cfg, cell = self.config, self.config.mlstm_cell
+        sizes = derived_sizes(cfg)
+        B, S, D = x.shape
+        NH = cfg.num_heads
+        dtype = jnp.dtype(cfg.dtype)
+        small = initializer("small", cfg.init_distribution, D)
+        dense = partial(nn.Dense, use_bias=cfg.bias, dtype=dtype, param_dtype=jnp.float32, kernel_init=small)
+        q = dense(sizes["qk_dim"], name="dense_q")(x).reshape(B, S, NH, -1)
+        k = dense(sizes["qk_dim"], name="dense_k")(x).reshape(B, S, NH, -1)
+        v = dense(sizes["v_dim"], name="dense_v")(x).reshape(B, S, NH, -1)
+        o = dense(sizes["v_dim"], kernel_init=nn.initializers.zeros, name="dense_o")(x)
+        gate = partial(GateProjection, NH, False, dtype=jnp.dtype(cell.gate_dtype))
+        i = gate(gate_bias_init(cell.igate_bias_init_range), name="igate")((x,))
+        f = gate(gate_bias_init(cell.fgate_bias_init_range), name="fgate")((x,))
+        if cell.add_qk_norm:
+            q = make_norm(cfg.norm_type, cell.norm_eps, dtype, name="q_norm")(q)
+            k = make_norm(cfg.norm_type, cell.norm_eps, dtype, name="k_norm")(k)
+        h = run_cell(cell, q, k, v, i, f, document_borders)
+        h = make_norm(cell.norm_type_v1, cell.norm_eps, dtype, 2, name="outnorm")(h).reshape(B, S, -1)
+        out_init = initializer(cfg.output_init_fn, cfg.init_distribution, D, self.num_blocks)
+        y = dense(D, kernel_init=out_init, name="proj_down")(nn.sigmoid(o) * h)
+        return nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
+
+
+@hookimpl
+def register_layers(register):
+    register(
+        "mlstm_v1",
+        MLSTMv1Layer,
+        derived_sizes=derived_sizes,
+        check_config=check_config,
+        unused_fields=("proj_factor", "round_proj_up_dim_up", "round_proj_up_to_multiple_of", "conv1d_kernel_size",
+                       "qkv_proj_blocksize", "vmap_qk", "gate_input", "debug_cell",
+                       "mlstm_cell.gate_linear_headwise"),
+        description="xLSTM-7B layer: dense q/k/v/o, sigmoid output gate, gates read the block input",
+    )
