@@ -5,15 +5,14 @@ The layer, norm, init and cell implementations are resolved by name through the 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
-from typing import Any
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from zoo.config import BlockConfig, FeedForwardConfig, ModelConfig
-from zoo.initializers import initializer
+from zoo.parts import initializer, make_norm
 from zoo.registry import resolve
 
 ACTIVATIONS = {
@@ -24,11 +23,6 @@ ACTIVATIONS = {
     "swish": nn.silu,
     "selu": nn.selu,
 }
-
-
-def _norm(name: str, eps: float, dtype: Any, module_name: str, parent: Any = None) -> nn.Module:
-    kwargs = {} if parent is None else {"parent": parent}
-    return resolve("norm", name)(eps=eps, dtype=dtype, name=module_name, **kwargs)
 
 
 class FeedForward(nn.Module):
@@ -71,24 +65,28 @@ class ResidualBlock(nn.Module):
         eps, norm_type, dtype = layer_cfg.mlstm_cell.norm_eps, layer_cfg.norm_type, jnp.dtype(layer_cfg.dtype)
         layer_cls = resolve("layer", layer_cfg.layer_type)
 
-        def mlstm_branch(module: nn.Module, x: jax.Array, borders: jax.Array | None) -> jax.Array:
-            y = layer_cls(layer_cfg, self.num_blocks, parent=module, name="xlstm")(
-                _norm(norm_type, eps, dtype, "xlstm_norm", module)(x), document_borders=borders,
-                deterministic=deterministic)
-            return _norm(norm_type, eps, dtype, "xlstm_post_norm", module)(y) if cfg.add_post_norm else y
+        def residual(prefix: str, remat_name: str, sublayer: Callable) -> Callable:
+            """``post_norm?(sublayer(norm(x)))`` as a function of ``(module, x, borders)``, remat'ed on request."""
 
-        def ffn_branch(module: nn.Module, x: jax.Array) -> jax.Array:
-            y = FeedForward(cfg.feedforward, self.num_blocks, parent=module, name="ffn")(
-                _norm(norm_type, eps, dtype, "ffn_norm", module)(x), deterministic=deterministic)
-            return _norm(norm_type, eps, dtype, "ffn_post_norm", module)(y) if cfg.add_post_norm else y
+            def branch(module: nn.Module, x: jax.Array, borders: jax.Array | None) -> jax.Array:
+                y = sublayer(module, make_norm(norm_type, eps, dtype, name=f"{prefix}_norm", parent=module)(x), borders)
+                if cfg.add_post_norm:
+                    y = make_norm(norm_type, eps, dtype, name=f"{prefix}_post_norm", parent=module)(y)
+                return y
 
-        if "xLSTMResBlock" in self.remat:
-            mlstm_branch = nn.remat(mlstm_branch, prevent_cse=False)
-        x = x + mlstm_branch(self, x, document_borders)
+            return nn.remat(branch, prevent_cse=False) if remat_name in self.remat else branch
+
+        def mlstm_layer(module: nn.Module, h: jax.Array, borders: jax.Array | None) -> jax.Array:
+            layer = layer_cls(layer_cfg, self.num_blocks, parent=module, name="xlstm")
+            return layer(h, document_borders=borders, deterministic=deterministic)
+
+        def feedforward(module: nn.Module, h: jax.Array, borders: jax.Array | None) -> jax.Array:
+            ffn = FeedForward(cfg.feedforward, self.num_blocks, parent=module, name="ffn")
+            return ffn(h, deterministic=deterministic)
+
+        x = x + residual("xlstm", "xLSTMResBlock", mlstm_layer)(self, x, document_borders)
         if cfg.feedforward is not None:
-            if "FFNResBlock" in self.remat:
-                ffn_branch = nn.remat(ffn_branch, prevent_cse=False)
-            x = x + ffn_branch(self, x)
+            x = x + residual("ffn", "FFNResBlock", feedforward)(self, x, document_borders)
         return x
 
 
@@ -131,7 +129,7 @@ class LMModel(nn.Module):
             for idx in range(cfg.num_blocks):
                 x = block_cls(*block_args, name=f"blocks_{idx}")(x, document_borders)
         if cfg.add_post_blocks_norm:
-            x = _norm(cfg.norm_type, cfg.norm_eps, dtype, "out_norm")(x)
+            x = make_norm(cfg.norm_type, cfg.norm_eps, dtype, name="out_norm")(x)
         head_dtype = jnp.dtype(cfg.lm_head_dtype)
         if cfg.tie_weights:
             logits = embed.attend(x.astype(head_dtype))

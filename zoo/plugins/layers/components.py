@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from zoo.config import CellConfig
-from zoo.initializers import Initializer
+from zoo.parts import Initializer
 from zoo.registry import resolve
 
 
@@ -113,7 +113,3 @@ def run_cell(cell: CellConfig, q: jax.Array, k: jax.Array, v: jax.Array, i: jax.
     h = backend(q, k, v, i, f, **cell.backend.kwargs)
     return jnp.swapaxes(h, 1, 2)
 
-
-def make_norm(norm_type: str, eps: float, dtype: Any, scale_ndim: int = 1, *, name: str) -> nn.Module:
-    """Instantiate the norm plugin ``norm_type``."""
-    return resolve("norm", norm_type)(eps=eps, dtype=dtype, scale_ndim=scale_ndim, name=name)

@@ -9,13 +9,12 @@ import jax
 import jax.numpy as jnp
 
 from zoo.config import LayerConfig
-from zoo.initializers import gate_bias_init, initializer
+from zoo.parts import gate_bias_init, initializer, make_norm
 from zoo.plugins.layers.components import (
     CausalConv1d,
     GateProjection,
     LinearHeadwiseExpand,
     is_integer,
-    make_norm,
     run_cell,
 )
 from zoo.registry import hookimpl

@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 
 from zoo.config import LayerConfig
-from zoo.initializers import gate_bias_init, initializer
-from zoo.plugins.layers.components import GateProjection, make_norm, run_cell
+from zoo.parts import gate_bias_init, initializer, make_norm
+from zoo.plugins.layers.components import GateProjection, run_cell
 from zoo.registry import hookimpl
 
 

@@ -1,9 +1,11 @@
-"""Initializers by plugin name: ``initializer("small", "normal", dim)`` and gate-bias inits."""
+"""Model parts looked up by plugin name: initializers, gate-bias inits and norms."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -34,3 +36,10 @@ def gate_bias_init(spec: tuple[float, float] | float | None) -> Initializer:
     if isinstance(spec, tuple | list):
         return linspace_init(*spec)
     return jax.nn.initializers.constant(spec)
+
+
+def make_norm(norm_type: str, eps: float, dtype: Any, scale_ndim: int = 1, *, name: str,
+              parent: nn.Module | None = None) -> nn.Module:
+    """An instance of the norm plugin ``norm_type`` (``scale_ndim=2`` for a per-head scale)."""
+    kwargs = {} if parent is None else {"parent": parent}
+    return resolve("norm", norm_type)(eps=eps, dtype=dtype, scale_ndim=scale_ndim, name=name, **kwargs)
