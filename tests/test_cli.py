@@ -14,6 +14,7 @@ import pytest
 
 import zoo
 from zoo import presets
+from zoo.export.checkpoint import read_metadata
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo.json"
@@ -94,6 +95,11 @@ def test_build_saves_a_loadable_checkpoint_and_adds_steps(tmp_path):
         assert text in proc.stdout
     config, params = zoo.load(tmp_path / "ck")
     assert config == zoo.load_config("tiny")
+    meta = read_metadata(tmp_path / "ck")
+    assert meta["param_count"] == zoo.param_count(config)
+    assert meta["plugins"]["cell"]["parallel_stabilized"] == {
+        "plugin": "zoo.plugins.cells.parallel", "dist": "xlstm-zoo", "version": zoo.__version__}
+    assert meta["plugins"]["layer"].keys() == {"mlstm"} and meta["jax_version"] == jax.__version__
     expected = zoo.init_params(config, seed=3)
     jax.tree_util.tree_map(np.testing.assert_array_equal, params, expected)
     again = run_zoo("build", "tiny", "--out", "ck", cwd=tmp_path)

@@ -194,12 +194,28 @@ class CellConfig(ZooModel):
     """Inherited from the model."""
 
 
-class LayerConfig(ZooModel):
+class UpProjConfig(ZooModel):
+    """Fields shared by configs with an up-projection (the reference's UpProj mixin)."""
+
+    proj_factor: Annotated[float, Field(gt=0)]
+    round_proj_up_dim_up: bool = True
+    round_proj_up_to_multiple_of: Annotated[int, Field(ge=1)] = 64
+    embedding_dim: int = -1
+    """Inherited from the model."""
+
+    @property
+    def proj_up_dim(self) -> int:
+        """The up-projection width (derived; 0 until ``embedding_dim`` is known)."""
+        if self.embedding_dim <= 0:
+            return 0
+        return proj_up_dim(self.proj_factor, self.embedding_dim, self.round_proj_up_to_multiple_of,
+                           self.round_proj_up_dim_up)
+
+
+class LayerConfig(UpProjConfig):
     """One mLSTM layer; ``layer_type`` picks the plugin (``mlstm``, ``mlstm_v1``, ...)."""
 
     proj_factor: Annotated[float, Field(gt=0)] = 2.0
-    round_proj_up_dim_up: bool = True
-    round_proj_up_to_multiple_of: Annotated[int, Field(ge=1)] = 64
     conv1d_kernel_size: Annotated[int, Field(ge=0)] = 4
     qkv_proj_blocksize: Annotated[int, Field(ge=1)] = 4
     num_heads: Annotated[int, Field(ge=1)] = 4
@@ -211,8 +227,6 @@ class LayerConfig(ZooModel):
     """Inherited from the model."""
     qk_dim_factor: Annotated[float, Field(gt=0)] = 1.0
     v_dim_factor: Annotated[float, Field(gt=0)] = 1.0
-    embedding_dim: int = -1
-    """Inherited from the model."""
     bias: bool = False
     """Inherited from the model."""
     dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
@@ -226,14 +240,6 @@ class LayerConfig(ZooModel):
     debug_cell: bool = False
     gate_input: Literal["qkv", "x_mlstm", "x_mlstm_conv", "x_mlstm_conv_act"] = "qkv"
     mlstm_cell: CellConfig = Field(default_factory=CellConfig)
-
-    @property
-    def proj_up_dim(self) -> int:
-        """Di, the inner width (derived; 0 until ``embedding_dim`` is known)."""
-        if self.embedding_dim <= 0:
-            return 0
-        return proj_up_dim(self.proj_factor, self.embedding_dim, self.round_proj_up_to_multiple_of,
-                           self.round_proj_up_dim_up)
 
     def derived_sizes(self) -> dict[str, int]:
         """Sizes computed by the layer plugin (inner width, per-head dims, ...)."""
@@ -262,16 +268,12 @@ class LayerConfig(ZooModel):
         return self
 
 
-class FeedForwardConfig(ZooModel):
+class FeedForwardConfig(UpProjConfig):
     """The optional feed-forward sub-block after each mLSTM layer."""
 
     proj_factor: Annotated[float, Field(gt=0)] = 1.3
-    round_proj_up_dim_up: bool = True
-    round_proj_up_to_multiple_of: Annotated[int, Field(ge=1)] = 64
     act_fn: Literal["gelu", "relu", "relu^2", "sigmoid", "swish", "selu"] = "gelu"
     """``gelu`` is the tanh approximation (flax ``nn.gelu``)."""
-    embedding_dim: int = -1
-    """Inherited from the model."""
     dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
     bias: bool = False
     init_distribution: PluginName("distribution") = "normal"
@@ -281,14 +283,6 @@ class FeedForwardConfig(ZooModel):
     """Inherited from the model."""
     parallel: ParallelConfig | None = None
     """Inherited from the model."""
-
-    @property
-    def proj_up_dim(self) -> int:
-        """P, the hidden width (derived)."""
-        if self.embedding_dim <= 0:
-            return 0
-        return proj_up_dim(self.proj_factor, self.embedding_dim, self.round_proj_up_to_multiple_of,
-                           self.round_proj_up_dim_up)
 
 
 class BlockConfig(ZooModel):

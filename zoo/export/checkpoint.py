@@ -33,7 +33,7 @@ def _metadata(config: ModelConfig, params: Any) -> dict[str, Any]:
         "zoo_version": __version__,
         "jax_version": jax.__version__,
         "flax_version": flax.__version__,
-        "orbax_version": ocp.__version__ if hasattr(ocp, "__version__") else None,
+        "orbax_version": ocp.__version__,
         "plugins": plugins,
         "param_count": int(sum(math.prod(x.shape) for x in leaves)),
         "param_dtypes": sorted({str(x.dtype) for x in leaves}),
