@@ -264,7 +264,7 @@ def test_plugins_used():
     used = cfg.plugins_used()
     assert used["layer"] == ["mlstm_v1"]
     assert used["init"] == ["small", "wang", "wang2"]
-    assert used["cell"] == ["parallel_stabilized"]
+    assert used["cell"] == ["chunkwise", "parallel_stabilized", "recurrent"]
     assert used["norm"] == ["layernorm"]
 
 

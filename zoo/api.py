@@ -101,14 +101,30 @@ def param_count(config: ModelConfig) -> int:
 
 
 @functools.lru_cache(maxsize=32)
-def _compiled_forward(config_json: str):
+def _compiled(config_json: str, mode: str):
     model = build(ModelConfig.model_validate_json(config_json))
 
     @jax.jit
-    def run(params, tokens, document_borders):
-        return model.apply({"params": params}, tokens, document_borders)
+    def run(params, tokens, document_borders, state):
+        return model.apply({"params": params}, tokens, document_borders, mode=mode, state=state)
 
     return run
+
+
+def _tokens(tokens: Any, ndim: int, what: str) -> jax.Array:
+    tokens = jnp.asarray(tokens, jnp.int32)
+    if tokens.ndim != ndim:
+        raise ValueError(f"{what} must have {ndim} dimension(s), got shape {tokens.shape}")
+    return tokens
+
+
+def _borders(document_borders: Any, shape: tuple[int, ...]) -> jax.Array | None:
+    if document_borders is None:
+        return None
+    document_borders = jnp.asarray(document_borders, bool)
+    if document_borders.shape != shape:
+        raise ValueError(f"document_borders shape {document_borders.shape} != tokens shape {shape}")
+    return document_borders
 
 
 def forward(config: ModelConfig, params: Params, tokens: Any, document_borders: Any = None) -> jax.Array:
@@ -117,11 +133,40 @@ def forward(config: ModelConfig, params: Params, tokens: Any, document_borders: 
     ``document_borders`` (bool ``(B, S)``, True at each document's first token) resets the
     memory there when ``mlstm_cell.reset_at_document_boundaries`` is set.
     """
-    tokens = jnp.asarray(tokens, jnp.int32)
-    if tokens.ndim != 2:
-        raise ValueError(f"tokens must have shape (batch, sequence), got {tokens.shape}")
-    if document_borders is not None:
-        document_borders = jnp.asarray(document_borders, bool)
-        if document_borders.shape != tokens.shape:
-            raise ValueError(f"document_borders shape {document_borders.shape} != tokens shape {tokens.shape}")
-    return _compiled_forward(config.model_dump_json())(params, tokens, document_borders)
+    tokens = _tokens(tokens, 2, "tokens")
+    return _compiled(config.model_dump_json(), "forward")(params, tokens, _borders(document_borders, tokens.shape),
+                                                          None)
+
+
+State = dict[str, jax.Array]
+
+
+def prefill(config: ModelConfig, params: Params, tokens: Any, state: State | None = None,
+            document_borders: Any = None) -> tuple[jax.Array, State]:
+    """Run a prompt ``(B, S)`` through ``mlstm_cell.prefill_backend``; returns logits and the decoding state.
+
+    The state is a dict of float32 arrays with the block as leading axis: ``c (NB, B, NH, DQK, DV)``,
+    ``n (NB, B, NH, DQK)``, ``m (NB, B, NH)`` and, for ``mlstm``, ``conv (NB, B, K-1, Di)``.
+    Pass ``state`` to continue from an earlier prefill or step; it starts from zeros otherwise.
+    """
+    tokens = _tokens(tokens, 2, "tokens")
+    return _compiled(config.model_dump_json(), "prefill")(params, tokens, _borders(document_borders, tokens.shape),
+                                                          state)
+
+
+def step(config: ModelConfig, params: Params, token: Any, state: State) -> tuple[jax.Array, State]:
+    """Decode one token per sequence (``token (B,)``) through ``mlstm_cell.step_backend``.
+
+    Returns logits ``(B, vocab_size)`` and the new state.
+    """
+    token = _tokens(token, 1, "token")
+    logits, state = _compiled(config.model_dump_json(), "step")(params, token[:, None], None, state)
+    return logits[:, 0], state
+
+
+def init_state(config: ModelConfig, batch_size: int) -> State:
+    """An all-zero decoding state for ``batch_size`` sequences (what ``prefill`` starts from)."""
+    model = build(config)
+    shapes = jax.eval_shape(lambda: model.init_with_output(
+        jax.random.PRNGKey(0), jnp.zeros((batch_size, 1), jnp.int32), mode="prefill")[0][1])
+    return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)

@@ -170,9 +170,14 @@ class BackendConfig(ZooModel):
 
 
 class CellConfig(ZooModel):
-    """Gate and norm settings of the mLSTM cell, and the backend that runs it."""
+    """Gate and norm settings of the mLSTM cell, and the backends that run it."""
 
     backend: BackendConfig = Field(default_factory=BackendConfig)
+    """Backend of ``forward`` (training and scoring)."""
+    prefill_backend: BackendConfig = Field(default_factory=lambda: BackendConfig(name="chunkwise"))
+    """Backend of ``prefill``: must return final states (a zoo addition)."""
+    step_backend: BackendConfig = Field(default_factory=lambda: BackendConfig(name="recurrent"))
+    """Backend of ``step`` (one token with carried state): must take and return states (a zoo addition)."""
     norm_eps: Annotated[float, Field(gt=0)] = 1e-6
     """eps of the out-norm, the q/k norms and the block pre/post norms."""
     norm_type: PluginName("norm") = "layernorm"
@@ -192,6 +197,20 @@ class CellConfig(ZooModel):
     reset_fgate_value: float = -25.0
     parallel: ParallelConfig | None = None
     """Inherited from the model."""
+
+    @model_validator(mode="after")
+    def _check_stateful_backends(self) -> CellConfig:
+        errors = []
+        for field in ("prefill_backend", "step_backend"):
+            name = getattr(self, field).name
+            if not registry.entry("cell", name).metadata.get("supports_state"):
+                stateful = [n for n in registry.available("cell")
+                            if registry.entry("cell", n).metadata.get("supports_state")]
+                errors.append(((field, "name"), f"cell {name!r} cannot carry state (supports_state is not set); "
+                                                f"{field} needs one of: {', '.join(stateful)}", name))
+        if errors:
+            raise_errors("CellConfig", errors)
+        return self
 
 
 class UpProjConfig(ZooModel):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
+from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -14,6 +15,8 @@ import jax.numpy as jnp
 from zoo.config import BlockConfig, FeedForwardConfig, ModelConfig
 from zoo.parts import initializer, make_norm
 from zoo.registry import resolve
+
+MODES = ("forward", "prefill", "step")
 
 ACTIVATIONS = {
     "gelu": nn.gelu,  # tanh approximation, as in the reference
@@ -50,6 +53,7 @@ class FeedForward(nn.Module):
 class ResidualBlock(nn.Module):
     """``x + post_norm?(layer(norm(x)))``, then ``x + post_norm?(ffn(norm(x)))`` when an FFN is configured.
 
+    Returns ``(x, state)``: the layer's new state in ``prefill``/``step`` mode, None in ``forward``.
     Block norms use the model ``norm_type`` and ``mlstm_cell.norm_eps`` (reference §2.8).
     """
 
@@ -57,59 +61,61 @@ class ResidualBlock(nn.Module):
     num_blocks: int
     remat: tuple[str, ...] = ()
     deterministic: bool = True
+    mode: str = "forward"
 
     @nn.compact
-    def __call__(self, x: jax.Array, document_borders: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, document_borders: jax.Array | None = None, state: Any = None):
         cfg, deterministic = self.config, self.deterministic
         layer_cfg = cfg.mlstm
         eps, norm_type, dtype = layer_cfg.mlstm_cell.norm_eps, layer_cfg.norm_type, jnp.dtype(layer_cfg.dtype)
         layer_cls = resolve("layer", layer_cfg.layer_type)
 
         def residual(prefix: str, remat_name: str, sublayer: Callable) -> Callable:
-            """``post_norm?(sublayer(norm(x)))`` as a function of ``(module, x, borders)``, remat'ed on request."""
+            """``post_norm?(sublayer(norm(x)))`` as a function of ``(module, x, borders, state)``."""
 
-            def branch(module: nn.Module, x: jax.Array, borders: jax.Array | None) -> jax.Array:
-                y = sublayer(module, make_norm(norm_type, eps, dtype, name=f"{prefix}_norm", parent=module)(x), borders)
+            def branch(module: nn.Module, x: jax.Array, borders: jax.Array | None, state: Any):
+                h = make_norm(norm_type, eps, dtype, name=f"{prefix}_norm", parent=module)(x)
+                y, state = sublayer(module, h, borders, state)
                 if cfg.add_post_norm:
                     y = make_norm(norm_type, eps, dtype, name=f"{prefix}_post_norm", parent=module)(y)
-                return y
+                return y, state
 
             return nn.remat(branch, prevent_cse=False) if remat_name in self.remat else branch
 
-        def mlstm_layer(module: nn.Module, h: jax.Array, borders: jax.Array | None) -> jax.Array:
+        def mlstm_layer(module: nn.Module, h: jax.Array, borders: jax.Array | None, state: Any):
             layer = layer_cls(layer_cfg, self.num_blocks, parent=module, name="xlstm")
-            return layer(h, document_borders=borders, deterministic=deterministic)
+            return layer(h, document_borders=borders, deterministic=deterministic, mode=self.mode, state=state)
 
-        def feedforward(module: nn.Module, h: jax.Array, borders: jax.Array | None) -> jax.Array:
+        def feedforward(module: nn.Module, h: jax.Array, borders: jax.Array | None, state: Any):
             ffn = FeedForward(cfg.feedforward, self.num_blocks, parent=module, name="ffn")
-            return ffn(h, deterministic=deterministic)
+            return ffn(h, deterministic=deterministic), None
 
-        x = x + residual("xlstm", "xLSTMResBlock", mlstm_layer)(self, x, document_borders)
+        y, state = residual("xlstm", "xLSTMResBlock", mlstm_layer)(self, x, document_borders, state)
+        x = x + y
         if cfg.feedforward is not None:
-            x = x + residual("ffn", "FFNResBlock", feedforward)(self, x, document_borders)
-        return x
-
-
-class _ScannedBlock(ResidualBlock):
-    """``ResidualBlock`` in ``nn.scan``'s carry convention."""
-
-    @nn.compact
-    def __call__(self, x, document_borders):  # type: ignore[override]
-        return super().__call__(x, document_borders), None
+            x = x + residual("ffn", "FFNResBlock", feedforward)(self, x, document_borders, None)[0]
+        return x, state
 
 
 class LMModel(nn.Module):
-    """``tokens (B, S) int32 -> logits (B, S, vocab_size) float32``."""
+    """``tokens (B, S) int32 -> logits (B, S, vocab_size) float32``.
+
+    In ``prefill`` and ``step`` mode it also takes and returns the decoding state: a dict of
+    arrays whose leading axis is the block (``c``, ``n``, ``m`` of every cell, plus ``conv`` for
+    ``mlstm``); ``prefill`` starts from zeros when no state is given.
+    """
 
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, tokens: jax.Array, document_borders: jax.Array | None = None,
-                 deterministic: bool = True) -> jax.Array:
+    def __call__(self, tokens: jax.Array, document_borders: jax.Array | None = None, deterministic: bool = True,
+                 mode: str = "forward", state: Any = None):
         cfg = self.config
         S = tokens.shape[-1]
         if cfg.context_length > 0 and S > cfg.context_length:
             raise ValueError(f"sequence length {S} exceeds context_length={cfg.context_length}")
+        if mode not in MODES or (mode == "step" and state is None):
+            raise ValueError(f"mode must be one of {MODES} (step needs a state), got {mode!r}")
         D, dtype = cfg.embedding_dim, jnp.dtype(cfg.dtype)
         embed = nn.Embed(cfg.vocab_size, D, dtype=dtype, param_dtype=jnp.float32,
                          embedding_init=initializer("small", cfg.init_distribution_embed, D), name="token_embedding")
@@ -117,17 +123,19 @@ class LMModel(nn.Module):
         if cfg.add_embedding_dropout:
             x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
         remat = tuple(cfg.parallel.remat) if cfg.parallel else ()
-        block_cls = _ScannedBlock if cfg.scan_blocks else ResidualBlock
-        if "mLSTMBlock" in remat:
-            block_cls = nn.remat(block_cls, prevent_cse=False)
-        block_args = (cfg.mlstm_block, cfg.num_blocks, remat, deterministic)
+        block_cls = nn.remat(ResidualBlock, prevent_cse=False) if "mLSTMBlock" in remat else ResidualBlock
+        block_args = (cfg.mlstm_block, cfg.num_blocks, remat, deterministic, mode)
         if cfg.scan_blocks:
             stack = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                            in_axes=nn.broadcast, length=cfg.num_blocks)
-            x, _ = stack(*block_args, name="blocks")(x, document_borders)
+                            in_axes=(nn.broadcast, 0), length=cfg.num_blocks)
+            x, new_state = stack(*block_args, name="blocks")(x, document_borders, state)
         else:
+            states = []
             for idx in range(cfg.num_blocks):
-                x = block_cls(*block_args, name=f"blocks_{idx}")(x, document_borders)
+                block_state = None if state is None else jax.tree_util.tree_map(lambda a: a[idx], state)
+                x, block_state = block_cls(*block_args, name=f"blocks_{idx}")(x, document_borders, block_state)
+                states.append(block_state)
+            new_state = None if mode == "forward" else jax.tree_util.tree_map(lambda *a: jnp.stack(a), *states)
         if cfg.add_post_blocks_norm:
             x = make_norm(cfg.norm_type, cfg.norm_eps, dtype, name="out_norm")(x)
         head_dtype = jnp.dtype(cfg.lm_head_dtype)
@@ -139,4 +147,4 @@ class LMModel(nn.Module):
         logits = logits.astype(jnp.float32)
         if cfg.logits_soft_cap is not None:
             logits = cfg.logits_soft_cap * jnp.tanh(logits / cfg.logits_soft_cap)
-        return logits
+        return logits if mode == "forward" else (logits, new_state)

@@ -4,6 +4,8 @@ BUILTIN_MODULES = (
     "zoo.plugins.norms",
     "zoo.plugins.inits",
     "zoo.plugins.cells.parallel",
+    "zoo.plugins.cells.chunkwise",
+    "zoo.plugins.cells.recurrent",
     "zoo.plugins.layers.mlstm",
     "zoo.plugins.layers.mlstm_v1",
 )

@@ -1,11 +1,6 @@
 """The ``parallel_stabilized`` cell: the quadratic, max-stabilised parallel form of the mLSTM.
 
-Cell contract (shared by every cell plugin)::
-
-    h = cell(q, k, v, i, f, *, c_initial=None, n_initial=None, m_initial=None,
-             return_last_states=False, eps=1e-6, **kwargs)
-    q, k: (B, NH, S, DQK)   v: (B, NH, S, DV)   i, f: (B, NH, S) gate pre-activations
-    h: (B, NH, S, DV)
+See ``zoo.plugins.cells`` for the cell contract.
 """
 
 from __future__ import annotations
@@ -16,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from pydantic import BaseModel, ConfigDict, Field
 
+from zoo.plugins.cells.common import log_forget_matrix
 from zoo.registry import hookimpl
 
 
@@ -28,23 +24,9 @@ class ParallelStabilizedKwargs(BaseModel):
         True, description="stabilise each row with its own max (True) or with one max per head (False)")
 
 
-def log_forget_matrix(log_f: jax.Array) -> jax.Array:
-    """``logF[t, s] = Σ_{s<r≤t} log_f[r]`` for s ≤ t and -inf above the diagonal; shape (..., S, S).
-
-    Summing the masked gates directly (rather than differencing two cumulative sums) avoids
-    cancellation on long sequences.
-    """
-    S = log_f.shape[-1]
-    idx = jnp.arange(S)
-    after_s = idx[None, :] > idx[:, None]  # [s, r]: r > s
-    sums = jnp.cumsum(jnp.where(after_s, log_f[..., None, :], 0.0), axis=-1)  # [s, t]
-    log_F = jnp.swapaxes(sums, -1, -2)  # [t, s]
-    return jnp.where(idx[:, None] >= idx[None, :], log_F, -jnp.inf)
-
-
 def parallel_stabilized(q, k, v, i, f, *, c_initial=None, n_initial=None, m_initial=None,
                         return_last_states=False, eps=1e-6, stabilize_rowwise=True):
-    """mLSTM over a whole sequence at once, O(S²) in time and memory; keeps no state."""
+    """mLSTM over a whole sequence at once, O(S²) in time and memory; takes and returns no state."""
     if return_last_states or any(s is not None for s in (c_initial, n_initial, m_initial)):
         raise ValueError("parallel_stabilized carries no state: use a cell registered with supports_state=True")
     dqk = q.shape[-1]

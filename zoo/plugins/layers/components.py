@@ -45,16 +45,18 @@ class LinearHeadwiseExpand(nn.Module):
 
 
 class CausalConv1d(nn.Module):
-    """Depthwise causal conv over time: ``y[t,c] = bias[c] + Σ_j W[j,0,c]·x[t-K+1+j, c]`` (zero left padding).
+    """Depthwise causal conv over time: ``y[t,c] = bias[c] + Σ_j W[j,0,c]·x[t-K+1+j, c]``.
 
-    ``x (B, S, C) -> (B, S, C)``; kernel ``(K, 1, C)`` and bias ``(C,)``, both U(±1/√K).
+    ``x (B, S, C) -> (y (B, S, C), state (B, K-1, C))``. The state holds the last K-1 inputs
+    (float32) and stands in for the left padding, zeros when not given; kernel ``(K, 1, C)`` and
+    bias ``(C,)``, both U(±1/√K).
     """
 
     kernel_size: int
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, state: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
         K, C = self.kernel_size, x.shape[-1]
         bound = 1.0 / math.sqrt(K)
         init = nn.initializers.uniform(2 * bound)
@@ -64,9 +66,12 @@ class CausalConv1d(nn.Module):
 
         kernel = self.param("kernel", shifted, (K, 1, C), jnp.float32).astype(self.dtype)
         bias = self.param("bias", shifted, (C,), jnp.float32).astype(self.dtype)
-        S = x.shape[-2]
-        xp = jnp.pad(x.astype(self.dtype), ((0, 0),) * (x.ndim - 2) + ((K - 1, 0), (0, 0)))
-        return bias + sum(kernel[j, 0] * xp[..., j:j + S, :] for j in range(K))
+        if state is None:
+            state = jnp.zeros((x.shape[0], K - 1, C), jnp.float32)
+        xp = jnp.concatenate([state.astype(self.dtype), x.astype(self.dtype)], axis=1)
+        S = x.shape[1]
+        y = bias + sum(kernel[j, 0] * xp[:, j:j + S] for j in range(K))
+        return y, xp[:, xp.shape[1] - (K - 1):].astype(jnp.float32)
 
 
 class GateProjection(nn.Module):
@@ -97,19 +102,25 @@ class GateProjection(nn.Module):
         return y + bias.astype(self.dtype)
 
 
-def run_cell(cell: CellConfig, q: jax.Array, k: jax.Array, v: jax.Array, i: jax.Array, f: jax.Array,
-             document_borders: jax.Array | None) -> jax.Array:
-    """Soft-cap the gates, apply the document reset, and run the configured backend.
 
-    ``q, k (B, S, NH, DQK)``, ``v (B, S, NH, DV)``, ``i, f (B, S, NH)`` -> ``h (B, S, NH, DV)``.
+def run_cell(cell: CellConfig, q: jax.Array, k: jax.Array, v: jax.Array, i: jax.Array, f: jax.Array,
+             document_borders: jax.Array | None, mode: str = "forward",
+             state: dict[str, jax.Array] | None = None) -> tuple[jax.Array, dict[str, jax.Array] | None]:
+    """Soft-cap the gates, apply the document reset, and run the backend configured for ``mode``.
+
+    ``q, k (B, S, NH, DQK)``, ``v (B, S, NH, DV)``, ``i, f (B, S, NH)`` -> ``h (B, S, NH, DV)`` and,
+    except in ``forward`` mode, the new ``{"c", "n", "m"}`` state (zeros when ``state`` is None).
     """
     if cell.gate_soft_cap is not None:
         cap = cell.gate_soft_cap
         i, f = cap * jnp.tanh(i / cap), cap * jnp.tanh(f / cap)
     if cell.reset_at_document_boundaries and document_borders is not None:
         f = jnp.where(document_borders[..., None], jnp.asarray(cell.reset_fgate_value, f.dtype), f)
-    backend = resolve("cell", cell.backend.name)
+    backend = {"forward": cell.backend, "prefill": cell.prefill_backend, "step": cell.step_backend}[mode]
+    fn = resolve("cell", backend.name)
     q, k, v, i, f = (jnp.swapaxes(a, 1, 2) for a in (q, k, v, i, f))  # to the cell's heads-first layout
-    h = backend(q, k, v, i, f, **cell.backend.kwargs)
-    return jnp.swapaxes(h, 1, 2)
-
+    if mode == "forward":
+        return jnp.swapaxes(fn(q, k, v, i, f, **backend.kwargs), 1, 2), None
+    initial = {} if state is None else {"c_initial": state["c"], "n_initial": state["n"], "m_initial": state["m"]}
+    h, (c, n, m) = fn(q, k, v, i, f, return_last_states=True, **initial, **backend.kwargs)
+    return jnp.swapaxes(h, 1, 2), {"c": c, "n": n, "m": m}

@@ -61,25 +61,29 @@ class MLSTMCell(nn.Module):
     config: LayerConfig
 
     @nn.compact
-    def __call__(self, q, k, v, gate_inputs, document_borders):
+    def __call__(self, q, k, v, gate_inputs, document_borders, mode, state):
         cell = self.config.mlstm_cell
         gate = partial(GateProjection, self.config.num_heads, cell.gate_linear_headwise,
                        dtype=jnp.dtype(cell.gate_dtype))
         i = gate(gate_bias_init(cell.igate_bias_init_range), name="igate")(gate_inputs)
         f = gate(gate_bias_init(cell.fgate_bias_init_range), name="fgate")(gate_inputs)
-        h = run_cell(cell, q, k, v, i, f, document_borders)
-        return make_norm(cell.norm_type, cell.norm_eps, jnp.dtype(self.config.dtype), 2, name="outnorm")(h)
+        h, state = run_cell(cell, q, k, v, i, f, document_borders, mode, state)
+        return make_norm(cell.norm_type, cell.norm_eps, jnp.dtype(self.config.dtype), 2, name="outnorm")(h), state
 
 
 class MLSTMLayer(nn.Module):
-    """``(B, S, D) -> (B, S, D)``; the input is already normed by the block."""
+    """``x (B, S, D) -> (y (B, S, D), state)``; the input is already normed by the block.
+
+    ``mode`` is ``forward`` (state is None in and out), ``prefill`` or ``step``; the state is the
+    cell's ``c, n, m`` plus ``conv``, the last ``conv1d_kernel_size - 1`` conv inputs.
+    """
 
     config: LayerConfig
     num_blocks: int = 1
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, document_borders: jax.Array | None = None,
-                 deterministic: bool = True) -> jax.Array:
+    def __call__(self, x: jax.Array, *, document_borders: jax.Array | None = None, deterministic: bool = True,
+                 mode: str = "forward", state: dict[str, jax.Array] | None = None):
         cfg = self.config
         sizes = derived_sizes(cfg)
         B, S, D = x.shape
@@ -89,11 +93,15 @@ class MLSTMLayer(nn.Module):
         dense = partial(nn.Dense, use_bias=cfg.bias, dtype=dtype, param_dtype=jnp.float32, kernel_init=small)
         x_m = dense(sizes["inner_dim"], name="proj_up_mlstm")(x)
         z = dense(sizes["v_dim"], name="proj_up_z")(x)
+        new_state = None if mode == "forward" else {}
         if cfg.debug_cell:
             y = z
         else:
             K = cfg.conv1d_kernel_size
-            x_c = CausalConv1d(K, dtype, name="conv1d")(x_m) if K > 0 else x_m
+            if K > 0:
+                x_c, conv_state = CausalConv1d(K, dtype, name="conv1d")(x_m, None if state is None else state["conv"])
+            else:
+                x_c, conv_state = x_m, jnp.zeros((B, 0, x_m.shape[-1]), jnp.float32)
             x_a = nn.silu(x_c)
             blocks = sizes["num_proj_blocks"]
             lhe = partial(LinearHeadwiseExpand, blocks, use_bias=cfg.bias, kernel_init=small, dtype=dtype)
@@ -113,7 +121,10 @@ class MLSTMLayer(nn.Module):
             if cfg.mlstm_cell.add_qk_norm:
                 q = make_norm(cfg.norm_type, cfg.mlstm_cell.norm_eps, dtype, name="q_norm")(q)
                 k = make_norm(cfg.norm_type, cfg.mlstm_cell.norm_eps, dtype, name="k_norm")(k)
-            h = MLSTMCell(cfg, name="mlstm_cell")(q, k, v.reshape(B, S, NH, -1), gate_inputs, document_borders)
+            h, new_state = MLSTMCell(cfg, name="mlstm_cell")(q, k, v.reshape(B, S, NH, -1), gate_inputs,
+                                                             document_borders, mode, state)
+            if new_state is not None:
+                new_state["conv"] = conv_state
             h = h.reshape(B, S, -1)
             skip = x_a if sizes["v_dim"] == sizes["inner_dim"] else lhe(
                 sizes["v_dim"] // blocks, name="x_mlstm_conv_scaling")(x_a)
@@ -121,7 +132,7 @@ class MLSTMLayer(nn.Module):
             y = (h + learnable_skip.astype(dtype) * skip) * nn.silu(z)
         out_init = initializer(cfg.output_init_fn, cfg.init_distribution, D, self.num_blocks)
         y = dense(D, kernel_init=out_init, name="proj_down")(y)
-        return nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
+        return nn.Dropout(cfg.dropout)(y, deterministic=deterministic), new_state
 
 
 @hookimpl

@@ -29,14 +29,18 @@ def check_config(cfg: LayerConfig) -> list[tuple[str, str]]:
 
 
 class MLSTMv1Layer(nn.Module):
-    """``(B, S, D) -> (B, S, D)``; the input is already normed by the block."""
+    """``x (B, S, D) -> (y (B, S, D), state)``; the input is already normed by the block.
+
+    ``mode`` is ``forward`` (state is None in and out), ``prefill`` or ``step``; the state is the
+    cell's ``c, n, m``.
+    """
 
     config: LayerConfig
     num_blocks: int = 1
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, document_borders: jax.Array | None = None,
-                 deterministic: bool = True) -> jax.Array:
+    def __call__(self, x: jax.Array, *, document_borders: jax.Array | None = None, deterministic: bool = True,
+                 mode: str = "forward", state: dict[str, jax.Array] | None = None):
         cfg, cell = self.config, self.config.mlstm_cell
         sizes = derived_sizes(cfg)
         B, S, D = x.shape
@@ -54,11 +58,11 @@ class MLSTMv1Layer(nn.Module):
         if cell.add_qk_norm:
             q = make_norm(cfg.norm_type, cell.norm_eps, dtype, name="q_norm")(q)
             k = make_norm(cfg.norm_type, cell.norm_eps, dtype, name="k_norm")(k)
-        h = run_cell(cell, q, k, v, i, f, document_borders)
+        h, new_state = run_cell(cell, q, k, v, i, f, document_borders, mode, state)
         h = make_norm(cell.norm_type_v1, cell.norm_eps, dtype, 2, name="outnorm")(h).reshape(B, S, -1)
         out_init = initializer(cfg.output_init_fn, cfg.init_distribution, D, self.num_blocks)
         y = dense(D, kernel_init=out_init, name="proj_down")(nn.sigmoid(o) * h)
-        return nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
+        return nn.Dropout(cfg.dropout)(y, deterministic=deterministic), new_state
 
 
 @hookimpl
