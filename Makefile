@@ -21,6 +21,7 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 demo: $(VENV)/.installed
 	$(BIN)/zoo validate configs/demo.json
 	$(BIN)/zoo build configs/demo.json --out checkpoints/demo
+	$(BIN)/zoo generate checkpoints/demo --prompt-ids 1,2,3,4 --max-new-tokens 12
 
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest

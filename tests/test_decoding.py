@@ -109,3 +109,56 @@ def test_forward_backend_choice_does_not_change_logits(model):
     data["mlstm_block"]["mlstm"]["mlstm_cell"]["backend"] = {"name": "chunkwise", "kwargs": {"chunk_size": 4}}
     chunked = zoo.load_config(data)
     np.testing.assert_allclose(zoo.forward(chunked, params, TOKENS), full, atol=1e-4, rtol=0)
+
+
+def greedy_by_full_forward(cfg, params, prompt, n):
+    tokens = jnp.asarray(prompt, jnp.int32)
+    for _ in range(n):
+        nxt = jnp.argmax(zoo.forward(cfg, params, tokens)[:, -1], axis=-1).astype(jnp.int32)
+        tokens = jnp.concatenate([tokens, nxt[:, None]], axis=1)
+    return tokens[:, len(prompt[0]):]
+
+
+def test_greedy_generation_matches_rerunning_the_full_forward(model):
+    from zoo.generate import generate
+
+    cfg, params, _ = model
+    prompt = [[1, 2, 3, 4], [5, 6, 7, 8]]
+    result = generate(cfg, params, prompt, 6)
+    np.testing.assert_array_equal(result.tokens, greedy_by_full_forward(cfg, params, prompt, 6))
+
+
+def test_sampling_is_seeded_and_respects_top_k(model):
+    from zoo.generate import generate, sample
+
+    cfg, params, _ = model
+    a = generate(cfg, params, [[1, 2]], 8, temperature=1.0, top_k=3, seed=5).tokens
+    b = generate(cfg, params, [[1, 2]], 8, temperature=1.0, top_k=3, seed=5).tokens
+    np.testing.assert_array_equal(a, b)
+    logits = jnp.asarray([[0.0, 5.0, 4.0, 3.0, -1.0]])
+    draws = {int(sample(logits, jax.random.PRNGKey(s), jnp.float32(5.0), 2)[0]) for s in range(50)}
+    assert draws == {1, 2}
+    assert int(sample(logits, jax.random.PRNGKey(0), jnp.float32(0.0), 0)[0]) == 1
+
+
+def test_generate_cli(tmp_path):
+    import subprocess
+    import sys
+
+    from zoo.generate import generate
+
+    env = {"COLUMNS": "120", "PATH": "/usr/bin:/bin"}
+    build = subprocess.run([sys.executable, "-m", "zoo.cli", "build", "tiny-v1", "--out", str(tmp_path / "ck")],
+                           capture_output=True, text=True, timeout=300, env=env)
+    assert build.returncode == 0, build.stderr
+    proc = subprocess.run([sys.executable, "-m", "zoo.cli", "generate", str(tmp_path / "ck"), "--prompt-ids",
+                           "5,9,200", "--max-new-tokens", "5"], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr
+    generated = [line for line in proc.stdout.splitlines() if line.startswith("generated:")][0]
+    cfg, params = zoo.load(tmp_path / "ck")
+    expected = generate(cfg, params, [[5, 9, 200]], 5).tokens[0]
+    assert generated.split()[1:] == [str(int(t)) for t in expected]
+    assert "tokens/s" in proc.stdout
+    bad = subprocess.run([sys.executable, "-m", "zoo.cli", "generate", str(tmp_path / "ck"), "--prompt-ids", "999"],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr

@@ -247,3 +247,16 @@ def test_allowlist_loads_only_named_plugins(plugin_path):
     assert set(third_party) == {"good", "not-installed"}
     assert third_party["good"]["error"] is None
     assert "named in ZOO_PLUGINS" in third_party["not-installed"]["error"]
+
+
+def test_check_backends_includes_third_party_cells_and_fails_on_disagreement(plugin_path):
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("ZOO_")}
+    proc = subprocess.run([sys.executable, "-m", "zoo.cli", "check-backends", "--seq-lens", "7"],
+                          env={**inherited, "PYTHONPATH": str(plugin_path), "COLUMNS": "120"},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    rows = {line.split("│")[1].strip() + "/" + line.split("│")[2].strip(): line
+            for line in proc.stdout.splitlines() if line.count("│") >= 7}
+    assert "FAIL" in rows["doubled/output"]
+    assert "pass" in rows["chunkwise/output"] and "pass" in rows["recurrent/states"]
+    assert "check(s) failed" in proc.stderr

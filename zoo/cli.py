@@ -50,13 +50,14 @@ def report_validation_error(source: str, exc: ValidationError) -> None:
 def bad_input_exits(source: str) -> Iterator[None]:
     """Turn user-input errors into a short message on stderr and exit code 2."""
     from zoo.api import BuildError, ConfigSourceError
+    from zoo.export.checkpoint import CheckpointError
     from zoo.registry import UnknownPluginError
 
     try:
         yield
     except ValidationError as exc:
         report_validation_error(source, exc)
-    except (ConfigSourceError, BuildError, UnknownPluginError, OSError) as exc:
+    except (ConfigSourceError, BuildError, CheckpointError, UnknownPluginError, OSError) as exc:
         err.print(f"[bold red]error:[/] {escape(str(exc))}")
     else:
         return
@@ -110,6 +111,74 @@ def build(
         step_dir = save(target, cfg, params)
         save_s = time.perf_counter() - start
     out.print(f"initialised in {init_s:.2f} s; saved Orbax checkpoint {escape(str(step_dir))} in {save_s:.2f} s")
+
+
+@app.command()
+def generate(
+    checkpoint: Annotated[Path, typer.Argument(help="a checkpoint directory written by `zoo build` or zoo.save")],
+    prompt_ids: Annotated[str, typer.Option("--prompt-ids", help="comma-separated token ids, e.g. 1,2,3")],
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 16,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0 is greedy")] = 0.0,
+    top_k: Annotated[int, typer.Option("--top-k", min=0, help="sample among the k most likely (0: all)")] = 0,
+    seed: Annotated[int, typer.Option(help="PRNG seed of the sampling")] = 0,
+) -> None:
+    """Continue a prompt with a saved model: prefill once, then one jitted step per token."""
+    from zoo.export.checkpoint import load
+    from zoo.generate import generate as run
+
+    try:
+        prompt = [int(t) for t in prompt_ids.split(",") if t.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"--prompt-ids must be comma-separated integers, got {prompt_ids!r}") from None
+    with bad_input_exits(str(checkpoint)):
+        config, params = load(checkpoint)
+    if not prompt or not all(0 <= t < config.vocab_size for t in prompt):
+        raise typer.BadParameter(f"--prompt-ids needs at least one id, each in [0, {config.vocab_size})")
+    result = run(config, params, [prompt], max_new_tokens, temperature=temperature, top_k=top_k, seed=seed)
+    out.print(f"prompt:    {' '.join(map(str, prompt))}")
+    out.print(f"generated: {' '.join(str(int(t)) for t in result.tokens[0])}")
+    out.print(f"prefill {len(prompt)} tokens: {1000 * result.prefill_s:.1f} ms; first step (with compile) "
+              f"{1000 * result.first_step_s:.1f} ms; then {result.tokens_per_s:.1f} tokens/s")
+
+
+@app.command("check-backends")
+def check_backends(
+    config: Annotated[str | None, typer.Option(help="take head sizes and backend options from this config")] = None,
+    seq_lens: Annotated[str, typer.Option("--seq-lens", help="comma-separated sequence lengths")] = "1,7,64,130",
+) -> None:
+    """Run every registered cell backend against parallel_stabilized: outputs, final states and gradients."""
+    from zoo.api import load_config
+    from zoo.registry import available
+    from zoo.testing import cell_parity
+
+    options: dict[str, Any] = {}
+    kwargs: dict[str, dict[str, Any]] = {}
+    if config is not None:
+        with bad_input_exits(config):
+            cfg = load_config(config)
+        sizes = cfg.derived_sizes()
+        options = {"heads": cfg.layer.num_heads, "dqk": sizes["qk_head_dim"], "dv": sizes["v_head_dim"]}
+        for backend in (cfg.cell.backend, cfg.cell.prefill_backend, cfg.cell.step_backend):
+            kwargs[backend.name] = backend.kwargs
+    lengths = [int(s) for s in seq_lens.split(",")]
+    table = Table(title="Cell backends vs parallel_stabilized", title_justify="left")
+    for column in ("backend", "check", "S", "dtype", "max rel. error", "tolerance", "ok"):
+        table.add_column(column, justify="right" if column in ("S", "max rel. error", "tolerance") else "left")
+    failed = 0
+    for name in available("cell"):
+        if name == "parallel_stabilized":
+            continue
+        with out.status(f"checking {name}"):
+            results = cell_parity(name, seq_lens=lengths, kwargs=kwargs.get(name), **options)
+        for r in results:
+            failed += not r.passed
+            table.add_row(r.backend, r.check, str(r.seq_len), r.dtype, f"{r.error:.2e}", f"{r.tolerance:.0e}",
+                          "[green]pass[/]" if r.passed else "[red]FAIL[/]")
+        table.add_section()
+    out.print(table)
+    if failed:
+        err.print(f"[red]{failed} check(s) failed[/]")
+        raise typer.Exit(1)
 
 
 @app.command()
