@@ -38,7 +38,7 @@ BAD_CONFIGS = {
     "wrong_type": ({"vocab_size": "many"}, ["vocab_size", "valid integer"]),
     "bad_literal": ({"vocab_size": 10, "dtype": "float64"}, ["dtype", "'float32', 'bfloat16' or 'float16'"]),
     "unknown_plugin": ({"vocab_size": 10, "mlstm_block": {"mlstm": {"mlstm_cell": {"backend": {"name": "triton"}}}}},
-                       ["mlstm_block.mlstm.mlstm_cell.backend.name", "registered: parallel_stabilized"]),
+                       ["mlstm_block.mlstm.mlstm_cell.backend.name", "registered: chunkwise, parallel_stabilized, recurrent"]),
     "heads": ({"vocab_size": 10, "embedding_dim": 64, "mlstm_block": {"mlstm": {"num_heads": 5}}},
               ["mlstm_block.mlstm.num_heads", "must divide"]),
     "qk_factor": ({"vocab_size": 10, "mlstm_block": {"mlstm": {"qk_dim_factor": 0.3}}},
@@ -73,10 +73,11 @@ def test_bad_configs_exit_2_with_the_field_path(case, command, tmp_path):
 @pytest.mark.parametrize("content, message", [
     ('{"vocab_size": 10,,}', "malformed JSON at line 1"),
     ("[1, 2]", "top level must be a JSON object"),
+    ('{"vocab_size": "\xff"}', "not UTF-8 text"),
 ])
 def test_unreadable_config_files_exit_2(tmp_path, content, message):
     path = tmp_path / "c.json"
-    path.write_text(content)
+    path.write_bytes(content.encode("latin-1"))
     proc = run_zoo("validate", str(path))
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
 

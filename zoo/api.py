@@ -42,9 +42,10 @@ def load_config(source: str | os.PathLike | Mapping[str, Any] | ModelConfig) -> 
         else:
             raise ConfigSourceError(
                 f"{str(source)!r} is neither a config file nor a preset; presets: {', '.join(presets.names())}")
-    text = path.read_text()
     try:
-        data = json.loads(text)
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigSourceError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except json.JSONDecodeError as exc:
         raise ConfigSourceError(f"{path}: malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
     if not isinstance(data, dict):
