@@ -32,7 +32,13 @@ class Register(Protocol):
 
 @hookspec
 def register_layers(register: Register) -> None:
-    """Register mLSTM layer types: flax modules built as ``cls(config=LayerConfig, num_blocks=int)``."""
+    """Register mLSTM layer types: flax modules built as ``cls(config=LayerConfig, num_blocks=int)``.
+
+    Called as ``layer(x, document_borders=None, deterministic=True, mode="forward", state=None)``
+    on ``x (B, S, D)``; returns ``(y (B, S, D), state)``, where ``mode`` is ``forward`` (no state),
+    ``prefill`` or ``step`` (a dict of float32 arrays in and out). Metadata: ``derived_sizes(cfg)``,
+    ``check_config(cfg) -> [(field, message)]`` and ``unused_fields``.
+    """
 
 
 @hookspec
