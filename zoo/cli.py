@@ -57,7 +57,14 @@ def bad_input_exits(source: str) -> Iterator[None]:
         yield
     except ValidationError as exc:
         report_validation_error(source, exc)
-    except (ConfigSourceError, BuildError, CheckpointError, UnknownPluginError, OSError) as exc:
+    except CheckpointError as exc:
+        err.print(f"[bold red]error:[/] {escape(str(exc))}")
+        # Orbax's reader threads may still be failing in the background; leave before their
+        # teardown prints tracebacks over the message above.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_BAD_INPUT)
+    except (ConfigSourceError, BuildError, UnknownPluginError, OSError) as exc:
         err.print(f"[bold red]error:[/] {escape(str(exc))}")
     else:
         return

@@ -7,9 +7,16 @@ a SHA-256 of the parameter bytes, checked on every load.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import hashlib
+import io
+import logging
 import math
 import os
+import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -121,9 +128,41 @@ def _missing_plugins(metadata: dict[str, Any]) -> list[str]:
     return missing
 
 
+@contextlib.contextmanager
+def _failed_reads_silenced() -> Iterator[None]:
+    """Keep the tracebacks of Orbax's background reads off stderr when a restore fails.
+
+    When one array fails to read, Orbax closes its event loop while the other reads are in
+    flight; their threads then print tracebacks. On failure this waits briefly for them and drops
+    what they printed; on success anything written to stderr is passed through.
+    """
+    captured, original = io.StringIO(), sys.stderr
+    asyncio_log = logging.getLogger("asyncio")
+    sys.stderr = captured
+    try:
+        yield
+    except Exception:
+        level, hook = asyncio_log.level, sys.unraisablehook
+        asyncio_log.setLevel(logging.CRITICAL)
+        sys.unraisablehook = lambda unraisable: None
+        try:
+            time.sleep(0.3)
+            gc.collect()
+        finally:
+            asyncio_log.setLevel(level)
+            sys.unraisablehook = hook
+            sys.stderr = original
+        raise
+    sys.stderr = original
+    original.write(captured.getvalue())
+
+
 def _short(exc: BaseException) -> str:
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {first[:300]}"
+    """The root cause's type and first line (Orbax wraps TensorStore errors in long reprs)."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0][:300] if lines else ''}"
 
 
 def read_metadata(directory: str | os.PathLike, step: int | None = None) -> dict[str, Any]:
@@ -166,12 +205,13 @@ def load(directory: str | os.PathLike, step: int | None = None, *, dtype: Any = 
         raise CheckpointError(f"{root} (step {step}) holds an invalid config: {exc}") from None
     with _manager(root) as manager:
         try:
-            saved = manager.item_metadata(step)["params"].tree
-            target = jax.tree_util.tree_map(
-                lambda shape, meta: jax.ShapeDtypeStruct(shape.shape, meta.dtype, sharding=sharding),
-                param_shapes(config), saved)
-            params = manager.restore(step, args=ocp.args.Composite(
-                params=ocp.args.StandardRestore(target)))["params"]
+            with _failed_reads_silenced():
+                saved = manager.item_metadata(step)["params"].tree
+                target = jax.tree_util.tree_map(
+                    lambda shape, meta: jax.ShapeDtypeStruct(shape.shape, meta.dtype, sharding=sharding),
+                    param_shapes(config), saved)
+                params = manager.restore(step, args=ocp.args.Composite(
+                    params=ocp.args.StandardRestore(target)))["params"]
         except Exception as exc:  # structure mismatch, missing or unreadable array files
             raise CheckpointError(f"step {step} of {root} is corrupted or incomplete ({_short(exc)})") from None
     expected = metadata.get("content_sha256")
