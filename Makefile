@@ -22,9 +22,12 @@ demo: $(VENV)/.installed
 	$(BIN)/zoo validate configs/demo.json
 	$(BIN)/zoo build configs/demo.json --out checkpoints/demo
 	$(BIN)/zoo generate checkpoints/demo --prompt-ids 1,2,3,4 --max-new-tokens 12
+	rm -rf artifacts/demo-stablehlo
+	$(BIN)/zoo export checkpoints/demo --format stablehlo --out artifacts/demo-stablehlo
+	$(BIN)/zoo run artifacts/demo-stablehlo --prompt-ids 1,2,3,4 --max-new-tokens 12
 
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest
 
 clean:
-	rm -rf $(VENV) checkpoints .pytest_cache
+	rm -rf $(VENV) checkpoints artifacts .pytest_cache

@@ -28,7 +28,8 @@ def test_builtins_registered_by_kind():
     assert available("norm") == ["layernorm", "rmsnorm"]
     assert available("init") == ["small", "wang", "wang2", "zeros"]
     assert available("distribution") == ["normal", "truncated_normal", "uniform"]
-    assert "parallel_stabilized" in available("cell")
+    assert available("cell") == ["chunkwise", "parallel_stabilized", "recurrent"]
+    assert available("exporter") == ["stablehlo"]
     assert callable(resolve("cell", "parallel_stabilized"))
 
 

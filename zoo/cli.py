@@ -148,6 +148,62 @@ def generate(
               f"{1000 * result.first_step_s:.1f} ms; then {result.tokens_per_s:.1f} tokens/s")
 
 
+@app.command("export")
+def export_command(
+    checkpoint: Annotated[Path, typer.Argument(help="a checkpoint directory")],
+    out_dir: Annotated[Path, typer.Option("--out", help="a new directory for the artifact")],
+    fmt: Annotated[str, typer.Option("--format", help="a registered exporter (see `zoo plugins`)")] = "stablehlo",
+    platforms: Annotated[str, typer.Option(help="comma-separated lowering platforms")] = "cpu,cuda,tpu",
+    entry: Annotated[str, typer.Option("--entry", help="comma-separated entry points")] = "forward,prefill,step",
+    weights: Annotated[str, typer.Option(help="'baked' (constants) or 'separate' (params as arguments)")] = "baked",
+) -> None:
+    """Export a saved model as a serving artifact (StableHLO by default)."""
+    from zoo.export.checkpoint import load
+    from zoo.export.stablehlo import ExportError
+    from zoo.registry import resolve
+
+    with bad_input_exits(str(checkpoint)):
+        exporter = resolve("exporter", fmt)
+        config, params = load(checkpoint)
+    try:
+        with out.status(f"exporting {fmt}"):
+            start = time.perf_counter()
+            path = exporter(config, params, out_dir, platforms=platforms.split(","), entries=entry.split(","),
+                            weights=weights)
+    except ExportError as exc:
+        err.print(f"[bold red]error:[/] {escape(str(exc))}")
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    out.print(f"exported {fmt} ({entry}; {platforms}; weights {weights}) to {escape(str(path))} "
+              f"in {time.perf_counter() - start:.1f} s")
+
+
+@app.command()
+def run(
+    artifact: Annotated[Path, typer.Argument(help="an artifact directory written by `zoo export`")],
+    prompt_ids: Annotated[str, typer.Option("--prompt-ids", help="comma-separated token ids")],
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 8,
+) -> None:
+    """Smoke-test an exported artifact: a greedy continuation through its prefill and step entries."""
+    from zoo.export.stablehlo import ExportError, greedy_continuation
+
+    manifest_path = artifact / "manifest.json"
+    if not manifest_path.is_file():
+        err.print(f"[bold red]error:[/] {escape(str(artifact))} has no manifest.json; is it a `zoo export` directory?")
+        raise typer.Exit(EXIT_BAD_INPUT)
+    manifest = json.loads(manifest_path.read_text())
+    prompt = [int(t) for t in prompt_ids.split(",") if t.strip()]
+    if not prompt or not all(0 <= t < manifest["vocab_size"] for t in prompt) or manifest["weights"] != "baked":
+        raise typer.BadParameter(f"needs prompt ids in [0, {manifest['vocab_size']}) and an artifact with "
+                                 f"baked weights")
+    try:
+        tokens = greedy_continuation(artifact, prompt, max_new_tokens)
+    except ExportError as exc:
+        err.print(f"[bold red]error:[/] {escape(str(exc))}")
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    out.print(f"prompt:    {' '.join(map(str, prompt))}")
+    out.print(f"generated: {' '.join(map(str, tokens))}")
+
+
 @app.command("check-backends")
 def check_backends(
     config: Annotated[str | None, typer.Option(help="take head sizes and backend options from this config")] = None,

@@ -112,7 +112,7 @@ class LMModel(nn.Module):
                  mode: str = "forward", state: Any = None):
         cfg = self.config
         S = tokens.shape[-1]
-        if cfg.context_length > 0 and S > cfg.context_length:
+        if cfg.context_length > 0 and isinstance(S, int) and S > cfg.context_length:  # S is symbolic in exports
             raise ValueError(f"sequence length {S} exceeds context_length={cfg.context_length}")
         if mode not in MODES or (mode == "step" and state is None):
             raise ValueError(f"mode must be one of {MODES} (step needs a state), got {mode!r}")

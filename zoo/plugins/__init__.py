@@ -8,4 +8,5 @@ BUILTIN_MODULES = (
     "zoo.plugins.cells.recurrent",
     "zoo.plugins.layers.mlstm",
     "zoo.plugins.layers.mlstm_v1",
+    "zoo.export.stablehlo",
 )

@@ -49,13 +49,14 @@ def chunkwise(q, k, v, i, f, *, c_initial=None, n_initial=None, m_initial=None, 
     B, NH, S, DQK = q.shape
     DV, out_dtype = v.shape[-1], v.dtype
     c0, n0, m0 = initial_states(q, v, c_initial, n_initial, m_initial)
-    L = min(chunk_size, S)
-    NC = -(-S // L)
+    symbolic = not isinstance(S, int)  # under jax.export with a symbolic sequence length
+    L = chunk_size if symbolic else min(chunk_size, S)
+    NC = (S + L - 1) // L
     pad = NC * L - S
     q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
     log_f = jax.nn.log_sigmoid(f.astype(jnp.float32))
     log_i = i.astype(jnp.float32)
-    if pad:  # padded steps: no input (i = -inf) and no forgetting (log f = 0), so the state passes through
+    if symbolic or pad:  # padded steps: no input (i = -inf) and no forgetting (log f = 0), so the state passes through
         widths = ((0, 0), (0, 0), (0, pad))
         q, k, v = (jnp.pad(x, (*widths, (0, 0))) for x in (q, k, v))
         log_f = jnp.pad(log_f, widths)
