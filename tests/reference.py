@@ -563,3 +563,31 @@ def lm_forward(cfg, params, tokens, document_borders=None, cell_fn=parallel_stab
     else:
         logits = x @ np.asarray(params["lm_head"]["kernel"], F64)
     return soft_cap(logits, mc["logits_soft_cap"])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the doc's test inputs (section 4.6), float64
+# ---------------------------------------------------------------------------------------------------------
+
+
+def golden_inputs():
+    """The tiny deterministic case: one head, S=4, DQK=2, DV=3; q, k, v as (S, D), gates as (S,)."""
+    t = np.arange(4, dtype=np.float64)[:, None]
+    q = np.sin(t + 0.5 * np.arange(2)[None, :])
+    k = np.cos(0.7 * t + np.arange(2)[None, :])
+    v = 0.1 * t + 0.3 * np.arange(3)[None, :] - 0.2
+    i = np.array([0.5, -1.0, 2.0, 0.0])
+    f = np.array([3.0, 1.0, -2.0, 4.0])
+    return q, k, v, i, f
+
+
+def doc_random_case():
+    """The random case: default_rng(2), B=1, S=128, DH=64, f + 4.5; heads-first with NH=1."""
+    rng = np.random.default_rng(2)
+    B, S, DH = 1, 128, 64
+    q = rng.standard_normal((B, S, DH))
+    k = rng.standard_normal((B, S, DH))
+    v = rng.standard_normal((B, S, DH))
+    i = rng.standard_normal((B, S, 1))
+    f = rng.standard_normal((B, S, 1)) + 4.5
+    return q[:, None], k[:, None], v[:, None], i[:, None, :, 0], f[:, None, :, 0]

@@ -228,21 +228,9 @@ def test_vs_float64_reference(name, S):
         check_states(f"f64ref {name} S={S}", states, states_ref)
 
 
-def doc_random_case():
-    """Section 4.6 random case: default_rng(2), B=1, S=128, DH=64, f + 4.5; as (B, NH=1, S, DH)."""
-    rng = np.random.default_rng(2)
-    Bd, S, DH = 1, 128, 64
-    q = rng.standard_normal((Bd, S, DH))
-    k = rng.standard_normal((Bd, S, DH))
-    v = rng.standard_normal((Bd, S, DH))
-    i = rng.standard_normal((Bd, S, 1))
-    f = rng.standard_normal((Bd, S, 1)) + 4.5
-    return q[:, None], k[:, None], v[:, None], i[:, None, :, 0], f[:, None, :, 0]
-
-
 @pytest.mark.parametrize("name", BACKENDS)
 def test_doc_random_case_vs_float64_reference(name):
-    q, k, v, i, f = doc_random_case()
+    q, k, v, i, f = R.doc_random_case()
     h_ref = R.parallel_stabilized_cell(q, k, v, i, f)
     assert abs(np.abs(h_ref).mean() - 1.65) < 0.01  # "mean |h| = 1.65"
     kwargs = {"chunk_size": 32} if name == "chunkwise" else {}  # L=32 as in the doc
@@ -269,13 +257,7 @@ GOLDEN_M_ATOL = 1e-5  # m is printed with 5 decimals
 
 
 def golden_inputs():
-    t = np.arange(4, dtype=np.float64)[:, None]
-    q = np.sin(t + 0.5 * np.arange(2)[None, :])
-    k = np.cos(0.7 * t + np.arange(2)[None, :])
-    v = 0.1 * t + 0.3 * np.arange(3)[None, :] - 0.2
-    i = np.array([0.5, -1.0, 2.0, 0.0])
-    f = np.array([3.0, 1.0, -2.0, 4.0])
-    return tuple(jnp.asarray(np.asarray(a, np.float32)[None, None]) for a in (q, k, v, i, f))
+    return tuple(jnp.asarray(np.asarray(a, np.float32)[None, None]) for a in R.golden_inputs())
 
 
 GOLDEN_CASES = [("parallel_stabilized", {}), ("recurrent", {})] + [
@@ -428,7 +410,7 @@ def test_bfloat16_qkv_matches_float32(name):
 @pytest.mark.parametrize("name", BACKENDS)
 def test_bfloat16_doc_case_matches_float32(name):
     """Upstream-style: fp32 inputs vs the same inputs cast to bf16 (includes input rounding), section 4.6 case."""
-    q, k, v, i, f = (np.asarray(x, np.float32) for x in doc_random_case())
+    q, k, v, i, f = (np.asarray(x, np.float32) for x in R.doc_random_case())
     kwargs = {"chunk_size": 32} if name == "chunkwise" else {}
     fn = forward_fn(name, False, **kwargs)
     h32 = fn(q, k, v, i, f)

@@ -31,16 +31,6 @@ GOLDEN_NORM = np.array([0.606531, 1.087267, 0.183226, 0.227053])
 GOLDEN_ATOL = 1.5e-6
 
 
-def golden_inputs():
-    t = np.arange(4, dtype=np.float64)[:, None]
-    q = np.sin(t + 0.5 * np.arange(2)[None, :])
-    k = np.cos(0.7 * t + np.arange(2)[None, :])
-    v = 0.1 * t + 0.3 * np.arange(3)[None, :] - 0.2
-    i = np.array([0.5, -1.0, 2.0, 0.0])
-    f = np.array([3.0, 1.0, -2.0, 4.0])
-    return q, k, v, i, f
-
-
 def jax_cell(q, k, v, i, f, eps=1e-6):
     cell = resolve("cell", "parallel_stabilized")
     args = [jnp.asarray(np.asarray(a, np.float32)) for a in (q, k, v, i, f)]
@@ -56,7 +46,7 @@ def assert_close_rel(actual, ref, rtol=1e-5, atol_rel=1e-5):
 
 
 def test_golden_reference_parallel():
-    q, k, v, i, f = golden_inputs()
+    q, k, v, i, f = R.golden_inputs()
     h, m, norm = R.parallel_stabilized_cell(q, k, v, i, f, eps=1e-6, return_aux=True)
     np.testing.assert_allclose(h, GOLDEN_H, rtol=0, atol=GOLDEN_ATOL)
     np.testing.assert_allclose(m, GOLDEN_M_ROWS, rtol=0, atol=1e-5)
@@ -64,7 +54,7 @@ def test_golden_reference_parallel():
 
 
 def test_golden_reference_recurrent():
-    q, k, v, i, f = golden_inputs()
+    q, k, v, i, f = R.golden_inputs()
     h, (C, n, m) = R.recurrent_stabilized_cell(q, k, v, i, f, eps=1e-6, return_state=True)
     np.testing.assert_allclose(h, GOLDEN_H, rtol=0, atol=GOLDEN_ATOL)
     np.testing.assert_allclose(C, GOLDEN_C, rtol=0, atol=GOLDEN_ATOL)
@@ -73,7 +63,7 @@ def test_golden_reference_recurrent():
 
 
 def test_golden_jax_cell():
-    q, k, v, i, f = golden_inputs()
+    q, k, v, i, f = R.golden_inputs()
     # contract layout: q, k (B,NH,S,DQK), v (B,NH,S,DV), gates (B,NH,S)
     h = jax_cell(q[None, None], k[None, None], v[None, None], i[None, None], f[None, None], eps=1e-6)
     np.testing.assert_allclose(h[0, 0], GOLDEN_H, rtol=0, atol=GOLDEN_ATOL)
@@ -84,20 +74,8 @@ def test_golden_jax_cell():
 # ---------------------------------------------------------------------------------------------------------
 
 
-def random_case_inputs():
-    rng = np.random.default_rng(2)
-    B, S, DH = 1, 128, 64
-    q = rng.standard_normal((B, S, DH))
-    k = rng.standard_normal((B, S, DH))
-    v = rng.standard_normal((B, S, DH))
-    i = rng.standard_normal((B, S, 1))
-    f = rng.standard_normal((B, S, 1)) + 4.5
-    # to heads-first with NH=1: (B,1,S,DH), gates (B,1,S)
-    return q[:, None], k[:, None], v[:, None], i[:, None, :, 0], f[:, None, :, 0]
-
-
 def test_random_case_reference_self_consistency():
-    q, k, v, i, f = random_case_inputs()
+    q, k, v, i, f = R.doc_random_case()
     hp = R.parallel_stabilized_cell(q, k, v, i, f)
     hr = R.recurrent_stabilized_cell(q, k, v, i, f)
     # float64: the two formulations agree far below the float32 figures of the doc
@@ -106,13 +84,13 @@ def test_random_case_reference_self_consistency():
 
 
 def test_random_case_jax_vs_reference_parallel():
-    q, k, v, i, f = random_case_inputs()
+    q, k, v, i, f = R.doc_random_case()
     h_ref = R.parallel_stabilized_cell(q, k, v, i, f)
     assert_close_rel(jax_cell(q, k, v, i, f), h_ref)
 
 
 def test_random_case_jax_vs_reference_recurrent():
-    q, k, v, i, f = random_case_inputs()
+    q, k, v, i, f = R.doc_random_case()
     h_ref = R.recurrent_stabilized_cell(q, k, v, i, f)
     assert_close_rel(jax_cell(q, k, v, i, f), h_ref)
 
