@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
+import helpers
 import zoo
 
 V, S = 61, 14
@@ -26,9 +27,7 @@ def config(layer_type: str, **overrides):
 
 
 def perturbed(params, seed=3, scale=0.3):
-    leaves, tree = jax.tree_util.tree_flatten(params)
-    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
-    return jax.tree_util.tree_unflatten(tree, [x + scale * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+    return helpers.perturbed(params, seed, scale)
 
 
 @pytest.fixture(scope="module", params=["mlstm", "mlstm_v1"])

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import helpers
 import zoo
 from zoo.api import BuildError
 
@@ -29,9 +30,7 @@ TOKENS = jnp.asarray(np.random.default_rng(0).integers(0, 61, size=(2, 9)), jnp.
 
 
 def perturbed(params, seed=1, scale=0.2):
-    leaves, tree = jax.tree_util.tree_flatten(params)
-    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
-    return jax.tree_util.tree_unflatten(tree, [x + scale * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+    return helpers.perturbed(params, seed, scale)
 
 
 @pytest.mark.parametrize("make", [config, v1_config])

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import helpers
 import zoo
 from zoo.export.stablehlo import ExportError, export_stablehlo
 from zoo.registry import PluginRegistry, hookimpl, resolve, use_registry
@@ -50,9 +51,7 @@ np.savez(output, **results)
 
 
 def perturbed(params, seed=4, scale=0.3):
-    leaves, tree = jax.tree_util.tree_flatten(params)
-    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
-    return jax.tree_util.tree_unflatten(tree, [x + scale * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+    return helpers.perturbed(params, seed, scale)
 
 
 def config(layer_type):

@@ -51,6 +51,7 @@ def bad_input_exits(source: str) -> Iterator[None]:
     """Turn user-input errors into a short message on stderr and exit code 2."""
     from zoo.api import BuildError, ConfigSourceError
     from zoo.export.checkpoint import CheckpointError
+    from zoo.export.stablehlo import ExportError
     from zoo.registry import UnknownPluginError
 
     try:
@@ -64,11 +65,23 @@ def bad_input_exits(source: str) -> Iterator[None]:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(EXIT_BAD_INPUT)
-    except (ConfigSourceError, BuildError, UnknownPluginError, OSError) as exc:
+    except (ConfigSourceError, BuildError, ExportError, UnknownPluginError, OSError) as exc:
         err.print(f"[bold red]error:[/] {escape(str(exc))}")
     else:
         return
     raise typer.Exit(EXIT_BAD_INPUT)
+
+
+def parse_prompt(prompt_ids: str, vocab_size: int) -> list[int]:
+    """Token ids from ``--prompt-ids``; a usage error (exit 2) unless each is an integer in [0, vocab_size)."""
+    try:
+        prompt = [int(t) for t in prompt_ids.split(",") if t.strip()]
+    except ValueError:
+        prompt = []
+    if not prompt or not all(0 <= t < vocab_size for t in prompt):
+        raise typer.BadParameter(f"--prompt-ids needs comma-separated ids, at least one, each in [0, {vocab_size}); "
+                                 f"got {prompt_ids!r}")
+    return prompt
 
 
 ConfigArg = Annotated[str, typer.Argument(help="a config JSON file or a preset name (see `zoo presets`)")]
@@ -133,14 +146,9 @@ def generate(
     from zoo.export.checkpoint import load
     from zoo.generate import generate as run
 
-    try:
-        prompt = [int(t) for t in prompt_ids.split(",") if t.strip()]
-    except ValueError:
-        raise typer.BadParameter(f"--prompt-ids must be comma-separated integers, got {prompt_ids!r}") from None
     with bad_input_exits(str(checkpoint)):
         config, params = load(checkpoint)
-    if not prompt or not all(0 <= t < config.vocab_size for t in prompt):
-        raise typer.BadParameter(f"--prompt-ids needs at least one id, each in [0, {config.vocab_size})")
+    prompt = parse_prompt(prompt_ids, config.vocab_size)
     result = run(config, params, [prompt], max_new_tokens, temperature=temperature, top_k=top_k, seed=seed)
     out.print(f"prompt:    {' '.join(map(str, prompt))}")
     out.print(f"generated: {' '.join(str(int(t)) for t in result.tokens[0])}")
@@ -159,20 +167,15 @@ def export_command(
 ) -> None:
     """Export a saved model as a serving artifact (StableHLO by default)."""
     from zoo.export.checkpoint import load
-    from zoo.export.stablehlo import ExportError
     from zoo.registry import resolve
 
     with bad_input_exits(str(checkpoint)):
         exporter = resolve("exporter", fmt)
         config, params = load(checkpoint)
-    try:
-        with out.status(f"exporting {fmt}"):
-            start = time.perf_counter()
-            path = exporter(config, params, out_dir, platforms=platforms.split(","), entries=entry.split(","),
-                            weights=weights)
-    except ExportError as exc:
-        err.print(f"[bold red]error:[/] {escape(str(exc))}")
-        raise typer.Exit(EXIT_BAD_INPUT) from None
+    with bad_input_exits(str(out_dir)), out.status(f"exporting {fmt}"):
+        start = time.perf_counter()
+        path = exporter(config, params, out_dir, platforms=platforms.split(","), entries=entry.split(","),
+                        weights=weights)
     out.print(f"exported {fmt} ({entry}; {platforms}; weights {weights}) to {escape(str(path))} "
               f"in {time.perf_counter() - start:.1f} s")
 
@@ -184,22 +187,18 @@ def run(
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 8,
 ) -> None:
     """Smoke-test an exported artifact: a greedy continuation through its prefill and step entries."""
-    from zoo.export.stablehlo import ExportError, greedy_continuation
+    from zoo.export.stablehlo import greedy_continuation
 
     manifest_path = artifact / "manifest.json"
     if not manifest_path.is_file():
         err.print(f"[bold red]error:[/] {escape(str(artifact))} has no manifest.json; is it a `zoo export` directory?")
         raise typer.Exit(EXIT_BAD_INPUT)
     manifest = json.loads(manifest_path.read_text())
-    prompt = [int(t) for t in prompt_ids.split(",") if t.strip()]
-    if not prompt or not all(0 <= t < manifest["vocab_size"] for t in prompt) or manifest["weights"] != "baked":
-        raise typer.BadParameter(f"needs prompt ids in [0, {manifest['vocab_size']}) and an artifact with "
-                                 f"baked weights")
-    try:
+    if manifest["weights"] != "baked":
+        raise typer.BadParameter("zoo run needs an artifact exported with --weights baked")
+    prompt = parse_prompt(prompt_ids, manifest["vocab_size"])
+    with bad_input_exits(str(artifact)):
         tokens = greedy_continuation(artifact, prompt, max_new_tokens)
-    except ExportError as exc:
-        err.print(f"[bold red]error:[/] {escape(str(exc))}")
-        raise typer.Exit(EXIT_BAD_INPUT) from None
     out.print(f"prompt:    {' '.join(map(str, prompt))}")
     out.print(f"generated: {' '.join(map(str, tokens))}")
 
