@@ -11,23 +11,28 @@ $(BIN)/python:
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e .
+	$(BIN)/python -m pip install --quiet -e ".[savedmodel]"
 	touch $@
 
-$(VENV)/.installed-test: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e ".[test]"
+EXAMPLES := examples/zoo-pallas-mlstm examples/zoo-mlstm-sig
+
+$(VENV)/.installed-test: pyproject.toml $(addsuffix /pyproject.toml,$(EXAMPLES)) | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e ".[test]" $(addprefix -e ,$(EXAMPLES))
 	touch $@ $(VENV)/.installed
 
 demo: $(VENV)/.installed
 	$(BIN)/zoo validate configs/demo.json
 	$(BIN)/zoo build configs/demo.json --out checkpoints/demo
 	$(BIN)/zoo generate checkpoints/demo --prompt-ids 1,2,3,4 --max-new-tokens 12
-	rm -rf artifacts/demo-stablehlo
+	rm -rf artifacts/demo-stablehlo artifacts/demo-savedmodel
 	$(BIN)/zoo export checkpoints/demo --format stablehlo --out artifacts/demo-stablehlo
+	$(BIN)/zoo export checkpoints/demo --format savedmodel --out artifacts/demo-savedmodel
 	$(BIN)/zoo run artifacts/demo-stablehlo --prompt-ids 1,2,3,4 --max-new-tokens 12
+	$(BIN)/zoo run artifacts/demo-savedmodel --prompt-ids 1,2,3,4 --max-new-tokens 12
 
+# -n auto: one pytest worker per core (2 on the CI machine)
 test: $(VENV)/.installed-test
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n auto
 
 clean:
 	rm -rf $(VENV) checkpoints artifacts .pytest_cache

@@ -1,6 +1,7 @@
 """Small helpers shared by the tests."""
 
 import jax
+import numpy as np
 
 
 def perturbed(params, seed: int, scale: float):
@@ -8,3 +9,26 @@ def perturbed(params, seed: int, scale: float):
     leaves, tree = jax.tree_util.tree_flatten(params)
     keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
     return jax.tree_util.tree_unflatten(tree, [x + scale * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+
+
+# Two batch sizes and two sequence lengths, fed to one exported artifact.
+EXPORT_TOKENS = {"small": np.random.default_rng(1).integers(0, 61, size=(1, 5)).astype(np.int32),
+                 "large": np.random.default_rng(2).integers(0, 61, size=(3, 9)).astype(np.int32)}
+
+
+def export_config(layer_type: str):
+    """A tiny float32 config of ``layer_type`` with soft-capped gates, for export tests."""
+    import zoo
+
+    layer = {"layer_type": layer_type, "num_heads": 2, "mlstm_cell": {"gate_soft_cap": 15.0}}
+    if layer_type == "mlstm_v1":
+        layer["qk_dim_factor"] = 0.5
+    return zoo.load_config({"vocab_size": 61, "embedding_dim": 32, "num_blocks": 2, "dtype": "float32",
+                            "context_length": 64, "mlstm_block": {"mlstm": layer}})
+
+
+def assert_rel_close(actual, expected, rtol: float = 1e-5):
+    """Max absolute difference within ``rtol`` of the largest magnitude of ``expected``."""
+    actual, expected = np.asarray(actual), np.asarray(expected)
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    assert float(np.abs(actual - expected).max()) <= rtol * float(np.abs(expected).max())

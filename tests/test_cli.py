@@ -1,4 +1,8 @@
-"""The ``zoo`` command line, run as a real subprocess: exit codes, messages, no tracebacks."""
+"""The ``zoo`` command line: exit codes, messages, no tracebacks.
+
+Most commands run as real subprocesses; ``validate`` cases run in-process through the same app
+(Typer's test runner) to keep the suite fast.
+"""
 
 from __future__ import annotations
 
@@ -23,7 +27,19 @@ DEMO = ROOT / "configs" / "demo.json"
 def run_zoo(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ZOO_")}
     return subprocess.run([sys.executable, "-m", "zoo.cli", *args], capture_output=True, text=True, timeout=300,
-                          cwd=cwd, env={**env, "COLUMNS": "120"})
+                          cwd=cwd, env={**env, "COLUMNS": "120", "ZOO_DISABLE_PLUGIN_AUTOLOAD": "1"})
+
+
+def invoke_zoo(*args: str) -> subprocess.CompletedProcess:
+    """Run the CLI app in this process; the result looks like a finished subprocess."""
+    from typer.testing import CliRunner
+
+    from zoo.cli import app
+
+    result = CliRunner().invoke(app, list(args), env={"COLUMNS": "120"})
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return subprocess.CompletedProcess(args, result.exit_code, result.stdout, result.stderr)
 
 
 def test_validate_accepts_the_demo_config():
@@ -63,7 +79,7 @@ def test_bad_configs_exit_2_with_the_field_path(case, command, tmp_path):
     data, expected = BAD_CONFIGS[case]
     path = tmp_path / f"{case}.json"
     path.write_text(json.dumps(data))  # NaN is written as the JSON extension literal NaN
-    proc = run_zoo(command, str(path), "--out", str(tmp_path / "ck")) if command == "build" else run_zoo(
+    proc = run_zoo(command, str(path), "--out", str(tmp_path / "ck")) if command == "build" else invoke_zoo(
         command, str(path))
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr
@@ -82,7 +98,7 @@ def test_bad_configs_exit_2_with_the_field_path(case, command, tmp_path):
 def test_unreadable_config_files_exit_2(tmp_path, content, message):
     path = tmp_path / "c.json"
     path.write_bytes(content.encode("latin-1"))
-    proc = run_zoo("validate", str(path))
+    proc = invoke_zoo("validate", str(path))
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
 
 

@@ -29,7 +29,7 @@ def test_builtins_registered_by_kind():
     assert available("init") == ["small", "wang", "wang2", "zeros"]
     assert available("distribution") == ["normal", "truncated_normal", "uniform"]
     assert available("cell") == ["chunkwise", "parallel_stabilized", "recurrent"]
-    assert available("exporter") == ["stablehlo"]
+    assert available("exporter") == ["savedmodel", "stablehlo"]
     assert callable(resolve("cell", "parallel_stabilized"))
 
 
@@ -63,7 +63,8 @@ class NormPlugin:
 
     @hookimpl
     def register_cells(self, register):
-        register("scaled_parallel", self.scaled_cell, kwargs_model=self.Kwargs, supports_state=False)
+        register("scaled_parallel", self.scaled_cell, kwargs_model=self.Kwargs, supports_state=False,
+                 exportable=True, platforms=("cpu",))
 
 
 def fresh_registry() -> PluginRegistry:
@@ -89,29 +90,92 @@ def test_third_party_names_become_valid_config_values():
         zoo.load_config({"vocab_size": 10, "norm_type": "unitnorm"})
 
 
+def valid_init(dim, num_blocks, distribution):
+    return distribution(1.0)
+
+
 class Conflicting:
+    """Registers a new norm and the built-in name ``layernorm`` (a valid norm under a taken name)."""
+
     @hookimpl
     def register_norms(self, register):
-        register("brand_new", object())
-        register("layernorm", object())
+        register("brand_new", resolve("norm", "rmsnorm"))
+        register("layernorm", resolve("norm", "rmsnorm"))
 
 
-def test_conflict_names_both_origins_and_keeps_the_first():
+class Overriding:
+    @hookimpl
+    def register_norms(self, register):
+        register("rmsnorm", resolve("norm", "layernorm"), override=True)
+
+
+def test_builtin_keeps_its_name_in_a_conflict_and_the_other_is_reachable_by_namespace():
     reg = fresh_registry()
     original = reg.resolve("norm", "layernorm")
     info = reg.add_plugin(Conflicting(), "clash", dist="clash-dist", version="0.3")
-    assert not info.ok
-    assert "norm 'layernorm' is registered twice" in info.error
-    assert "zoo.plugins.norms (xlstm-zoo" in info.error and "clash (clash-dist 0.3)" in info.error
+    assert info.ok, info.error
+    assert reg.resolve("norm", "brand_new") is resolve("norm", "rmsnorm")
+    [conflict] = reg.conflicts()
+    assert str(conflict) == (
+        f"norm 'layernorm' is registered by zoo.plugins.norms (xlstm-zoo {zoo.__version__}) and by clash "
+        "(clash-dist 0.3); the name means 'xlstm-zoo:layernorm' (built in; override=True would take it), the others "
+        "stay reachable as 'clash-dist:layernorm'")
     assert reg.resolve("norm", "layernorm") is original
-    assert "brand_new" not in reg.available("norm"), "a failed plugin must leave nothing behind"
+    assert reg.resolve("norm", "xlstm-zoo:layernorm") is original
+    assert reg.resolve("norm", "clash-dist:layernorm") is resolve("norm", "rmsnorm")
+    assert {"layernorm", "xlstm-zoo:layernorm", "clash-dist:layernorm"} <= set(reg.available("norm"))
+    with use_registry(reg):
+        cfg = zoo.load_config({"vocab_size": 10, "norm_type": "clash-dist:layernorm"})
+        assert cfg.norm_type == "clash-dist:layernorm"
+        assert cfg.plugins_used()["norm"] == ["clash-dist:layernorm"]
+
+
+class NewNorm:
+    @hookimpl
+    def register_norms(self, register):
+        register("fancy", resolve("norm", "rmsnorm"))
+
+
+def test_two_distributions_make_a_name_ambiguous_until_one_is_named():
+    reg = fresh_registry()
+    assert reg.add_plugin(NewNorm(), "first", dist="dist-a", version="1").ok
+    assert reg.add_plugin(NewNorm(), "second", dist="dist-b", version="2").ok
+    with pytest.raises(UnknownPluginError, match=r"ambiguous norm name: norm 'fancy' is registered by first "
+                                                 r"\(dist-a 1\) and by second \(dist-b 2\); name one of "
+                                                 r"'dist-a:fancy', 'dist-b:fancy'"):
+        reg.resolve("norm", "fancy")
+    assert reg.entry("norm", "dist-b:fancy").plugin == "second"
+    assert "fancy" not in reg.available("norm") and "dist-a:fancy" in reg.available("norm")
+    with use_registry(reg):
+        with pytest.raises(ValidationError, match="ambiguous norm name"):
+            zoo.load_config({"vocab_size": 10, "norm_type": "fancy"})
+        assert zoo.load_config({"vocab_size": 10, "norm_type": "dist-a:fancy"}).norm_type == "dist-a:fancy"
+
+
+def test_override_takes_the_bare_name_and_keeps_the_other_reachable():
+    reg = fresh_registry()
+    builtin = reg.resolve("norm", "rmsnorm")
+    assert reg.add_plugin(Overriding(), "over", dist="over-dist", version="1").ok
+    assert reg.resolve("norm", "rmsnorm") is resolve("norm", "layernorm")
+    assert reg.resolve("norm", "xlstm-zoo:rmsnorm") is builtin
+    [conflict] = reg.conflicts()
+    assert conflict.winner.plugin == "over"
+    assert "the name means 'over-dist:rmsnorm' (registered with override=True)" in str(conflict)
+
+
+def test_same_distribution_cannot_register_a_name_twice():
+    reg = fresh_registry()
+    assert reg.add_plugin(Conflicting(), "clash", dist="clash-dist").ok
+    again = reg.add_plugin(Conflicting(), "clash-again", dist="clash-dist")
+    assert "norm 'brand_new' is registered twice" in again.error
+    assert reg.resolve("norm", "brand_new") is resolve("norm", "rmsnorm")
 
 
 class DuplicateWithinPlugin:
     @hookimpl
     def register_inits(self, register):
-        register("twice", object())
-        register("twice", object())
+        register("twice", valid_init)
+        register("twice", valid_init)
 
 
 def test_duplicate_within_one_plugin_is_a_conflict():
@@ -122,7 +186,7 @@ def test_duplicate_within_one_plugin_is_a_conflict():
 class RaisesDuringRegistration:
     @hookimpl
     def register_norms(self, register):
-        register("half_done", object())
+        register("half_done", resolve("norm", "rmsnorm"))
 
     @hookimpl
     def register_cells(self, register):
@@ -153,14 +217,68 @@ def test_unknown_hook_is_rejected():
     assert "unknown hook 'register_widgets'" in info.error
 
 
-def test_kwargs_model_must_be_pydantic():
-    class BadMeta:
-        @hookimpl
-        def register_cells(self, register):
-            register("c", lambda *a, **k: None, kwargs_model=dict)
+def parallel(q, k, v, i, f, **kw):
+    return resolve("cell", "parallel_stabilized")(q, k, v, i, f, **kw)
 
-    info = fresh_registry().add_plugin(BadMeta(), "badmeta")
-    assert "kwargs_model must be a pydantic BaseModel subclass" in info.error
+
+def two_args(q, k):
+    return q
+
+
+class NoDefaults(BaseModel):
+    width: int = 4
+
+
+BROKEN = {
+    "kwargs model not pydantic": (
+        "cell", parallel, {"supports_state": False, "exportable": True, "platforms": ("cpu",), "kwargs_model": dict},
+        "kwargs_model must be a pydantic BaseModel subclass, got <class 'dict'>"),
+    "missing metadata": ("cell", parallel, {"supports_state": False},
+                         "missing metadata 'exportable'; missing metadata 'platforms'"),
+    "misspelt metadata": ("cell", parallel, {"suports_state": False, "exportable": True, "platforms": ("cpu",)},
+                          "unknown metadata 'suports_state' (did you mean 'supports_state'?)"),
+    "wrong cell signature": ("cell", two_args, {"supports_state": False, "exportable": True, "platforms": ("cpu",)},
+                             "cell must be callable as cell(q, k, v, i, f, *, eps, ...)"),
+    "stateful cell without state arguments": (
+        "cell", lambda q, k, v, i, f, eps=1e-6: q, {"supports_state": True, "exportable": True, "platforms": ("cpu",)},
+        "it cannot take: c_initial, n_initial, m_initial, return_last_states"),
+    "kwargs the cell cannot take": (
+        "cell", lambda q, k, v, i, f, eps=1e-6: q,
+        {"supports_state": False, "exportable": True, "platforms": ("cpu",), "kwargs_model": NoDefaults},
+        "it cannot take: width"),
+    "unknown platform": ("cell", parallel, {"supports_state": False, "exportable": True, "platforms": ("rocm",)},
+                         "platforms must be a non-empty tuple among cpu, cuda, tpu"),
+    "norm not a module": ("norm", object(), {}, "norm must be a flax.linen.Module subclass"),
+    "init signature": ("init", lambda dim: None, {}, "init must be callable as fn(dim, num_blocks, distribution); "
+                                                     "it cannot take: num_blocks, distribution"),
+    "layer without derived sizes": ("layer", resolve("layer", "mlstm"), {}, "missing metadata 'derived_sizes'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN))
+def test_contract_breaking_registration_is_refused_with_the_reason(case):
+    kind, obj, metadata, expected = BROKEN[case]
+
+    def hook(self, register):
+        register("broken", obj, **metadata)
+
+    hook_name = {"cell": "register_cells", "norm": "register_norms", "init": "register_inits",
+                 "layer": "register_layers"}[kind]
+    reg = fresh_registry()
+    info = reg.add_plugin(type("Broken", (), {hook_name: hookimpl(hook)})(), "broken-plugin")
+    assert f"ContractError: {kind} 'broken' from broken-plugin: " in info.error
+    assert expected in info.error
+    assert "broken" not in reg.available(kind)
+    assert reg.resolve("cell", "chunkwise") is resolve("cell", "chunkwise"), "the rest still works"
+
+
+def test_trace_logs_every_hook_call_and_registration():
+    proc = subprocess.run([sys.executable, "-c", "from zoo.registry import available; available('cell')"],
+                          env={**os.environ, "ZOO_TRACE_PLUGINS": "1"}, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "zoo.plugins: calling register_cells of zoo.plugins.cells.chunkwise" in proc.stderr
+    assert "zoo.plugins: zoo.plugins.cells.chunkwise registered cell 'chunkwise'" in proc.stderr
+    assert "zoo.plugins: calling register_norms of zoo.plugins.norms" in proc.stderr
 
 
 # --- real entry points, discovered by importlib.metadata in a fresh process -------------------
@@ -175,7 +293,8 @@ PLUGIN_MODULES = {
 
         @hookimpl
         def register_cells(register):
-            register("doubled", doubled_cell, supports_state=False, description="twice the parallel cell")
+            register("doubled", doubled_cell, supports_state=False, exportable=True, platforms=("cpu",),
+                     description="twice the parallel cell")
         """,
     "zoo_import_error_plugin.py": """
         import not_a_real_module_anywhere
@@ -188,15 +307,23 @@ PLUGIN_MODULES = {
             raise ValueError("bad norm table")
         """,
     "zoo_clash_plugin.py": """
-        from zoo.registry import hookimpl
+        from zoo.registry import hookimpl, resolve
 
         @hookimpl
         def register_norms(register):
-            register("rmsnorm", object())
+            register("rmsnorm", resolve("norm", "layernorm"))
+        """,
+    "zoo_contract_plugin.py": """
+        from zoo.registry import hookimpl
+
+        @hookimpl
+        def register_inits(register):
+            register("broken_init", lambda dim: None)
         """,
 }
 ENTRY_POINTS = {"good": "zoo_good_plugin", "import-error": "zoo_import_error_plugin",
-                "register-error": "zoo_register_error_plugin", "clash": "zoo_clash_plugin"}
+                "register-error": "zoo_register_error_plugin", "clash": "zoo_clash_plugin",
+                "contract": "zoo_contract_plugin"}
 
 
 @pytest.fixture(scope="module")
@@ -229,11 +356,31 @@ def test_entry_points_load_one_at_a_time(plugin_path):
     assert plugins["good"]["registered"] == {"cell": ["doubled"]}
     assert "ModuleNotFoundError" in plugins["import-error"]["error"]
     assert "ValueError: bad norm table" in plugins["register-error"]["error"]
-    assert "norm 'rmsnorm' is registered twice" in plugins["clash"]["error"]
-    assert "clash (zoo-test-plugins 0.7)" in plugins["clash"]["error"]
-    registered = {(r["kind"], r["name"]): r for r in data["registered"]}
-    assert registered[("cell", "doubled")]["plugin"] == "good"
-    assert registered[("norm", "rmsnorm")]["plugin"] == "zoo.plugins.norms"
+    assert "init 'broken_init' from contract: init must be callable as fn(dim" in plugins["contract"]["error"]
+    assert plugins["clash"]["error"] is None and plugins["clash"]["registered"] == {"norm": ["rmsnorm"]}
+    assert data["conflicts"] == [
+        "norm 'rmsnorm' is registered by zoo.plugins.norms (xlstm-zoo 0.1.0) and by clash (zoo-test-plugins 0.7); "
+        "the name means 'xlstm-zoo:rmsnorm' (built in; override=True would take it), the others stay reachable as "
+        "'zoo-test-plugins:rmsnorm'"]
+    registered = {r["qualified_name"]: r for r in data["registered"]}
+    assert registered["zoo-test-plugins:doubled"]["plugin"] == "good"
+    assert registered["xlstm-zoo:rmsnorm"]["plugin"] == "zoo.plugins.norms"
+    assert registered["zoo-test-plugins:rmsnorm"]["plugin"] == "clash"
+
+
+def test_verbose_listing_groups_by_distribution_with_failures(plugin_path):
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("ZOO_")}
+    proc = subprocess.run([sys.executable, "-m", "zoo.cli", "plugins", "--verbose"], capture_output=True, text=True,
+                          env={**inherited, "PYTHONPATH": str(plugin_path), "COLUMNS": "200"}, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    text = proc.stdout
+    assert text.index("xlstm-zoo 0.1.0") < text.index("ok zoo.plugins.norms (built-in module)")
+    assert text.index("zoo-test-plugins 0.7") < text.index("ok good (entry point good = zoo_good_plugin)")
+    assert "cell: doubled" in text
+    assert "FAILED import-error (entry point import-error = zoo_import_error_plugin)" in text
+    assert "error: failed to import: ModuleNotFoundError: No module named 'not_a_real_module_anywhere'" in text
+    assert "Traceback (most recent call last)" in text and "import not_a_real_module_anywhere" in text
+    assert "conflict: norm 'rmsnorm' is registered by" in " ".join(text.split())
 
 
 def test_autoload_can_be_disabled(plugin_path):
@@ -247,13 +394,13 @@ def test_allowlist_loads_only_named_plugins(plugin_path):
     third_party = {p["name"]: p for p in data["plugins"] if not p["builtin"]}
     assert set(third_party) == {"good", "not-installed"}
     assert third_party["good"]["error"] is None
-    assert "named in ZOO_PLUGINS" in third_party["not-installed"]["error"]
+    assert "requested (ZOO_PLUGINS or an explicit load) but no installed plugin" in third_party["not-installed"]["error"]
 
 
 def test_check_backends_includes_third_party_cells_and_fails_on_disagreement(plugin_path):
     inherited = {k: v for k, v in os.environ.items() if not k.startswith("ZOO_")}
     proc = subprocess.run([sys.executable, "-m", "zoo.cli", "check-backends", "--seq-lens", "7"],
-                          env={**inherited, "PYTHONPATH": str(plugin_path), "COLUMNS": "120"},
+                          env={**inherited, "PYTHONPATH": str(plugin_path), "COLUMNS": "160", "ZOO_PLUGINS": "good"},
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     rows = {line.split("│")[1].strip() + "/" + line.split("│")[2].strip(): line

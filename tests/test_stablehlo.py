@@ -12,14 +12,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from typer.testing import CliRunner
 
 import helpers
 import zoo
-from zoo.export.stablehlo import ExportError, export_stablehlo
+from zoo.cli import app
+from zoo.export.entries import ExportError
+from zoo.export.runners import greedy, open_artifact
+from zoo.export.stablehlo import export_stablehlo
 from zoo.registry import PluginRegistry, hookimpl, resolve, use_registry
 
-TOKENS = {"small": np.random.default_rng(1).integers(0, 61, size=(1, 5)).astype(np.int32),
-          "large": np.random.default_rng(2).integers(0, 61, size=(3, 9)).astype(np.int32)}
+TOKENS = helpers.EXPORT_TOKENS
+config = helpers.export_config
+assert_rel_close = helpers.assert_rel_close
 
 RUNNER = """
 import sys, json
@@ -44,6 +49,7 @@ for key in ("small", "large"):
     for t in (-2, -1):
         logits, state = step.call(tokens[:, t], state)
         results[f"step{t}_{key}"] = np.asarray(logits)[:, 0]
+    results.update({f"final_{name}_{key}": np.asarray(value) for name, value in state.items()})
     results[f"prefill_{key}"] = np.asarray(prefill.call(tokens)[0])
 assert "zoo" not in sys.modules
 np.savez(output, **results)
@@ -52,18 +58,6 @@ np.savez(output, **results)
 
 def perturbed(params, seed=4, scale=0.3):
     return helpers.perturbed(params, seed, scale)
-
-
-def config(layer_type):
-    layer = {"layer_type": layer_type, "num_heads": 2, "mlstm_cell": {"gate_soft_cap": 15.0}}
-    if layer_type == "mlstm_v1":
-        layer["qk_dim_factor"] = 0.5
-    return zoo.load_config({"vocab_size": 61, "embedding_dim": 32, "num_blocks": 2, "dtype": "float32",
-                            "context_length": 64, "mlstm_block": {"mlstm": layer}})
-
-
-def assert_rel_close(actual, expected, rtol=1e-5):
-    assert float(np.abs(actual - expected).max()) <= rtol * float(np.abs(expected).max())
 
 
 @pytest.mark.parametrize("layer_type", ["mlstm", "mlstm_v1"])
@@ -89,8 +83,13 @@ def test_artifact_runs_without_zoo_and_matches(tmp_path, layer_type):
         full = np.asarray(zoo.forward(cfg, params, tokens))
         assert_rel_close(out[f"forward_{key}"], full)
         assert_rel_close(out[f"prefill_{key}"], np.asarray(zoo.prefill(cfg, params, tokens)[0]))
-        assert_rel_close(out[f"step-2_{key}"], full[:, -2], rtol=1e-4)
-        assert_rel_close(out[f"step-1_{key}"], full[:, -1], rtol=1e-4)
+        logits, state = zoo.prefill(cfg, params, tokens[:, :-2])
+        for t in (-2, -1):
+            logits, state = zoo.step(cfg, params, tokens[:, t], state)
+            assert_rel_close(out[f"step{t}_{key}"], np.asarray(logits))
+            assert_rel_close(out[f"step{t}_{key}"], full[:, t], rtol=1e-4)
+        for name, value in state.items():
+            assert_rel_close(out[f"final_{name}_{key}"], np.asarray(value))
 
 
 def test_separate_weights_serve_other_checkpoints(tmp_path):
@@ -104,10 +103,50 @@ def test_separate_weights_serve_other_checkpoints(tmp_path):
     assert manifest["weights"] == "separate" and manifest["entries"]["forward"]["inputs"][0]["name"].startswith("params")
 
 
+def test_static_artifact_fixes_shapes_and_says_why(tmp_path):
+    cfg = config("mlstm")
+    params = perturbed(zoo.init_params(cfg))
+    artifact = export_stablehlo(cfg, params, tmp_path / "static", static=(3, 9), platforms=["cpu"])
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    assert "symbolic_dims" not in manifest and manifest["static_dims"]["b"] == 3 and "IREE" in manifest["static_dims"]["why"]
+    assert manifest["entries"]["forward"]["inputs"] == [{"name": "tokens", "shape": ["3", "9"], "dtype": "int32"}]
+    assert "tensor<3x9xi32>" in (artifact / "forward.mlir").read_text()
+    forward = jax.export.deserialize((artifact / "forward.jax_exported").read_bytes())
+    tokens = TOKENS["large"]
+    assert_rel_close(np.asarray(forward.call(tokens)), np.asarray(zoo.forward(cfg, params, tokens)))
+    with pytest.raises(ValueError, match="shape"):
+        forward.call(tokens[:, :5])
+
+
+def test_run_paths_agree_with_a_forward_rerun(tmp_path):
+    cfg = config("mlstm_v1")
+    params = perturbed(zoo.init_params(cfg))
+    prompt = [int(t) for t in TOKENS["small"][0]]
+    expected, tokens = [], list(prompt)  # independent greedy decoding: rerun zoo.forward on the whole sequence
+    for _ in range(4):
+        logits = np.asarray(zoo.forward(cfg, params, np.asarray([tokens], np.int32)))[0, -1]
+        expected.append(int(np.argmax(logits)))
+        tokens.append(expected[-1])
+    first = np.asarray(zoo.forward(cfg, params, np.asarray([prompt], np.int32)))[0, -1]
+    zoo.save(tmp_path / "ck", cfg, params)
+    export_stablehlo(cfg, params, tmp_path / "forward-only", entries=["forward"], platforms=["cpu"])
+    export_stablehlo(cfg, params, tmp_path / "static", static=(1, len(prompt)), platforms=["cpu"])
+    for name in ("ck", "forward-only", "static"):
+        artifact = open_artifact(tmp_path / name)
+        logits, generated = greedy(artifact, prompt, 4)
+        assert generated == expected, name
+        assert_rel_close(logits, first)
+    with pytest.raises(ExportError, match="exactly 5 prompt ids"):
+        greedy(open_artifact(tmp_path / "static"), prompt[:3], 2)
+
+
 class SlowKernel:
     @hookimpl
     def register_cells(self, register):
-        register("custom_call_kernel", resolve("cell", "parallel_stabilized"), supports_state=False, exportable=False)
+        register("custom_call_kernel", resolve("cell", "parallel_stabilized"), supports_state=False, exportable=False,
+                 platforms=("cuda",))
+        register("cpu_only", resolve("cell", "parallel_stabilized"), supports_state=False, exportable=True,
+                 platforms=("cpu",))
 
 
 def test_non_exportable_backend_is_refused_by_name(tmp_path):
@@ -117,11 +156,16 @@ def test_non_exportable_backend_is_refused_by_name(tmp_path):
         cfg = zoo.load_config({"vocab_size": 11, "embedding_dim": 32, "dtype": "float32", "mlstm_block": {"mlstm": {
             "num_heads": 2, "mlstm_cell": {"backend": {"name": "custom_call_kernel"}}}}})
         with pytest.raises(ExportError, match=r"cell 'custom_call_kernel' \(mlstm_cell.backend\).*use one of: "
-                                              r"chunkwise, parallel_stabilized, recurrent"):
+                                              r"chunkwise, cpu_only, parallel_stabilized, recurrent"):
             export_stablehlo(cfg, zoo.init_params(cfg), tmp_path / "a")
+        cpu_only = zoo.load_config({"vocab_size": 11, "embedding_dim": 32, "dtype": "float32", "mlstm_block": {
+            "mlstm": {"num_heads": 2, "mlstm_cell": {"backend": {"name": "cpu_only"}}}}})
+        with pytest.raises(ExportError, match="runs cell 'cpu_only', which declares platforms cpu; it cannot be "
+                                              "lowered for cuda, tpu"):
+            export_stablehlo(cpu_only, zoo.init_params(cpu_only), tmp_path / "b", entries=["forward"])
 
 
-def test_export_and_run_cli_match_generate(tmp_path):
+def test_export_and_run_cli_match_the_checkpoint(tmp_path):
     def zoo_cli(*args):
         proc = subprocess.run([sys.executable, "-m", "zoo.cli", *args], capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr
@@ -129,10 +173,11 @@ def test_export_and_run_cli_match_generate(tmp_path):
 
     zoo_cli("build", "tiny-v1", "--out", str(tmp_path / "ck"))
     zoo_cli("export", str(tmp_path / "ck"), "--out", str(tmp_path / "hlo"), "--platforms", "cpu")
-    ran = zoo_cli("run", str(tmp_path / "hlo"), "--prompt-ids", "3,1,4,1,5", "--max-new-tokens", "5")
-    generated = zoo_cli("generate", str(tmp_path / "ck"), "--prompt-ids", "3,1,4,1,5", "--max-new-tokens", "5")
-    pick = [line for line in ran.splitlines() if line.startswith("generated:")]
-    assert pick and pick == [line for line in generated.splitlines() if line.startswith("generated:")]
-    again = subprocess.run([sys.executable, "-m", "zoo.cli", "export", str(tmp_path / "ck"), "--out",
-                            str(tmp_path / "hlo")], capture_output=True, text=True, timeout=300)
-    assert again.returncode == 2 and "is not empty" in " ".join(again.stderr.split())
+    zoo_cli("export", str(tmp_path / "ck"), "--out", str(tmp_path / "tf"), "--format", "savedmodel")
+    _, tokens = greedy(open_artifact(tmp_path / "ck"), [3, 1, 4, 1, 5], 5)
+    for artifact, kind in (("hlo", "stablehlo"), ("tf", "savedmodel")):
+        ran = zoo_cli("run", str(tmp_path / artifact), "--prompt-ids", "3,1,4,1,5", "--max-new-tokens", "5")
+        assert f"artifact:  {kind} (forward, prefill, step)" in ran
+        assert f"generated: {' '.join(map(str, tokens))}" in ran
+    again = CliRunner().invoke(app, ["export", str(tmp_path / "ck"), "--out", str(tmp_path / "hlo")])
+    assert again.exit_code == 2 and "is not empty" in " ".join(again.stderr.split())

@@ -50,8 +50,9 @@ def report_validation_error(source: str, exc: ValidationError) -> None:
 def bad_input_exits(source: str) -> Iterator[None]:
     """Turn user-input errors into a short message on stderr and exit code 2."""
     from zoo.api import BuildError, ConfigSourceError
+    from zoo.convert.torch import ConvertError
     from zoo.export.checkpoint import CheckpointError
-    from zoo.export.stablehlo import ExportError
+    from zoo.export.entries import ExportError
     from zoo.registry import UnknownPluginError
 
     try:
@@ -65,7 +66,7 @@ def bad_input_exits(source: str) -> Iterator[None]:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(EXIT_BAD_INPUT)
-    except (ConfigSourceError, BuildError, ExportError, UnknownPluginError, OSError) as exc:
+    except (ConfigSourceError, BuildError, ExportError, ConvertError, UnknownPluginError, OSError) as exc:
         err.print(f"[bold red]error:[/] {escape(str(exc))}")
     else:
         return
@@ -156,51 +157,113 @@ def generate(
               f"{1000 * result.first_step_s:.1f} ms; then {result.tokens_per_s:.1f} tokens/s")
 
 
+def parse_static(static: str | None) -> tuple[int, int] | None:
+    """``--static B,S`` as two positive integers; a usage error (exit 2) otherwise."""
+    if static is None:
+        return None
+    parts = static.split(",")
+    if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise typer.BadParameter(f"--static needs two positive integers B,S (got {static!r})")
+    return int(parts[0]), int(parts[1])
+
+
 @app.command("export")
 def export_command(
     checkpoint: Annotated[Path, typer.Argument(help="a checkpoint directory")],
     out_dir: Annotated[Path, typer.Option("--out", help="a new directory for the artifact")],
-    fmt: Annotated[str, typer.Option("--format", help="a registered exporter (see `zoo plugins`)")] = "stablehlo",
+    fmt: Annotated[str, typer.Option("--format", help="a registered exporter: stablehlo, savedmodel, "
+                                     "or one a plugin adds (see `zoo plugins`)")] = "stablehlo",
     platforms: Annotated[str, typer.Option(help="comma-separated lowering platforms")] = "cpu,cuda,tpu",
     entry: Annotated[str, typer.Option("--entry", help="comma-separated entry points")] = "forward,prefill,step",
-    weights: Annotated[str, typer.Option(help="'baked' (constants) or 'separate' (params as arguments)")] = "baked",
+    weights: Annotated[str | None, typer.Option(help="stablehlo: 'baked' (constants, default) or 'separate' "
+                                                "(params as arguments); savedmodel: 'variables'")] = None,
+    static: Annotated[str | None, typer.Option("--static", metavar="B,S", help="fixed batch and sequence sizes "
+                                               "instead of symbolic ones (for IREE)")] = None,
 ) -> None:
-    """Export a saved model as a serving artifact (StableHLO by default)."""
+    """Export a saved model as a serving artifact (StableHLO by default, or a TF SavedModel)."""
     from zoo.export.checkpoint import load
     from zoo.registry import resolve
 
+    static_dims = parse_static(static)
     with bad_input_exits(str(checkpoint)):
         exporter = resolve("exporter", fmt)
         config, params = load(checkpoint)
+    options: dict[str, Any] = {"weights": weights} if weights else {}
+    if static_dims:
+        options["static"] = static_dims
     with bad_input_exits(str(out_dir)), out.status(f"exporting {fmt}"):
         start = time.perf_counter()
-        path = exporter(config, params, out_dir, platforms=platforms.split(","), entries=entry.split(","),
-                        weights=weights)
-    out.print(f"exported {fmt} ({entry}; {platforms}; weights {weights}) to {escape(str(path))} "
-              f"in {time.perf_counter() - start:.1f} s")
+        path = exporter(config, params, out_dir, platforms=platforms.split(","), entries=entry.split(","), **options)
+    out.print(f"exported {fmt} ({entry}; {platforms}) to {escape(str(path))} in {time.perf_counter() - start:.1f} s")
 
 
 @app.command()
 def run(
-    artifact: Annotated[Path, typer.Argument(help="an artifact directory written by `zoo export`")],
+    artifact: Annotated[Path, typer.Argument(help="a `zoo export` directory (stablehlo or savedmodel) "
+                                             "or a `zoo build` checkpoint")],
     prompt_ids: Annotated[str, typer.Option("--prompt-ids", help="comma-separated token ids")],
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 8,
+    top: Annotated[int, typer.Option(min=1, help="how many of the next-token logits to print")] = 5,
 ) -> None:
-    """Smoke-test an exported artifact: a greedy continuation through its prefill and step entries."""
-    from zoo.export.stablehlo import greedy_continuation
+    """Smoke-test an artifact: its next-token logits for the prompt and a greedy continuation."""
+    import numpy as np
 
-    manifest_path = artifact / "manifest.json"
-    if not manifest_path.is_file():
-        err.print(f"[bold red]error:[/] {escape(str(artifact))} has no manifest.json; is it a `zoo export` directory?")
-        raise typer.Exit(EXIT_BAD_INPUT)
-    manifest = json.loads(manifest_path.read_text())
-    if manifest["weights"] != "baked":
-        raise typer.BadParameter("zoo run needs an artifact exported with --weights baked")
-    prompt = parse_prompt(prompt_ids, manifest["vocab_size"])
+    from zoo.export.runners import greedy, open_artifact
+
     with bad_input_exits(str(artifact)):
-        tokens = greedy_continuation(artifact, prompt, max_new_tokens)
+        loaded = open_artifact(artifact)
+    prompt = parse_prompt(prompt_ids, loaded.vocab_size)
+    with bad_input_exits(str(artifact)):
+        logits, tokens = greedy(loaded, prompt, max_new_tokens)
+    best = np.argsort(-logits)[:top]
+    out.print(f"artifact:  {loaded.kind} ({', '.join(sorted(loaded.entries))})")
     out.print(f"prompt:    {' '.join(map(str, prompt))}")
+    out.print(f"logits:    {'  '.join(f'{i}: {logits[i]:.4f}' for i in best)}")
     out.print(f"generated: {' '.join(map(str, tokens))}")
+
+
+convert_app = typer.Typer(help="Convert checkpoints from and to NX-AI's PyTorch xlstm.", no_args_is_help=True)
+app.add_typer(convert_app, name="convert")
+
+
+@convert_app.command("torch")
+def convert_torch(
+    src: Annotated[Path, typer.Argument(help="a folder with model.safetensors (or shards) and config.yaml/json")],
+    out_dir: Annotated[Path, typer.Option("--out", help="a new zoo checkpoint directory")],
+    dtype: Annotated[str | None, typer.Option(help="compute dtype of the zoo config (default: the tensors' "
+                                              "dtype, bfloat16 or float32)")] = None,
+) -> None:
+    """Convert an xlstm_large (xLSTM-7B) or NeurIPS xLSTMLMModel checkpoint into a zoo checkpoint."""
+    from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from zoo.convert.torch import from_torch
+
+    if dtype is not None and dtype not in ("float32", "bfloat16", "float16"):
+        raise typer.BadParameter(f"--dtype must be float32, bfloat16 or float16 (got {dtype!r})")
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), DownloadColumn())
+    with Progress(*columns, console=err, transient=True) as bar, bad_input_exits(str(src)):
+        task = bar.add_task("converting", total=None)
+
+        def advance(name: str, nbytes: int) -> None:
+            bar.update(task, description=f"converting {name}", advance=1)
+
+        start = time.perf_counter()
+        report = from_torch(src, out_dir, dtype=dtype, progress=advance)
+    out.print(f"converted {report.source_format} ({report.tensors} tensors, {report.source_bytes / 2**20:.1f} MiB) "
+              f"into {escape(str(report.checkpoint))} in {time.perf_counter() - start:.1f} s")
+
+
+@convert_app.command("to-torch")
+def convert_to_torch(
+    checkpoint: Annotated[Path, typer.Argument(help="an mlstm_v1 zoo checkpoint")],
+    out_dir: Annotated[Path, typer.Option("--out", help="a new folder for model.safetensors and config.yaml")],
+) -> None:
+    """Write an mlstm_v1 zoo checkpoint in xlstm_large format (loads with xlstm's load_from_pretrained)."""
+    from zoo.convert.torch import to_torch
+
+    with bad_input_exits(str(checkpoint)):
+        path = to_torch(checkpoint, out_dir)
+    out.print(f"wrote xlstm_large safetensors and config.yaml to {escape(str(path))}")
 
 
 @app.command("check-backends")
@@ -208,10 +271,11 @@ def check_backends(
     config: Annotated[str | None, typer.Option(help="take head sizes and backend options from this config")] = None,
     seq_lens: Annotated[str, typer.Option("--seq-lens", help="comma-separated sequence lengths")] = "1,7,64,130",
 ) -> None:
-    """Run every registered cell backend against parallel_stabilized: outputs, final states and gradients."""
+    """Run every registered cell backend against its reference (parallel_stabilized unless the plugin names
+    another): outputs, gradients, bfloat16, and states out and in against the stateful reference."""
     from zoo.api import load_config
     from zoo.registry import available
-    from zoo.testing import cell_parity
+    from zoo.testing import cell_parity, references
 
     options: dict[str, Any] = {}
     kwargs: dict[str, dict[str, Any]] = {}
@@ -223,18 +287,19 @@ def check_backends(
         for backend in (cfg.cell.backend, cfg.cell.prefill_backend, cfg.cell.step_backend):
             kwargs[backend.name] = backend.kwargs
     lengths = [int(s) for s in seq_lens.split(",")]
-    table = Table(title="Cell backends vs parallel_stabilized", title_justify="left")
-    for column in ("backend", "check", "S", "dtype", "max rel. error", "tolerance", "ok"):
+    table = Table(title="Cell backends vs their references", title_justify="left")
+    for column in ("backend", "check", "reference", "S", "dtype", "max rel. error", "tolerance", "ok"):
         table.add_column(column, justify="right" if column in ("S", "max rel. error", "tolerance") else "left")
     failed = 0
     for name in available("cell"):
-        if name == "parallel_stabilized":
+        if references(name)[0] == name:  # a reference itself, e.g. parallel_stabilized
             continue
         with out.status(f"checking {name}"):
             results = cell_parity(name, seq_lens=lengths, kwargs=kwargs.get(name), **options)
         for r in results:
             failed += not r.passed
-            table.add_row(r.backend, r.check, str(r.seq_len), r.dtype, f"{r.error:.2e}", f"{r.tolerance:.0e}",
+            table.add_row(r.backend, r.check, r.reference, str(r.seq_len), r.dtype, f"{r.error:.2e}",
+                          f"{r.tolerance:.0e}",
                           "[green]pass[/]" if r.passed else "[red]FAIL[/]")
         table.add_section()
     out.print(table)
@@ -244,34 +309,71 @@ def check_backends(
 
 
 @app.command()
-def plugins(as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False) -> None:
-    """List every registered name per kind with its origin and version, and plugins that failed to load."""
+def plugins(
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="per plugin: distribution, entry point, "
+                                          "what it registered, and the traceback of a failure")] = False,
+) -> None:
+    """List every registered name per kind with its origin and version, conflicts, and plugins that failed."""
     from zoo.registry import describe, get_registry
 
     reg = get_registry()
+    conflicts = reg.conflicts()
     if as_json:
         print(json.dumps({
-            "registered": [{"kind": e.kind, "name": e.name, "plugin": e.plugin, "dist": e.dist, "version": e.version,
+            "registered": [{"kind": e.kind, "name": e.name, "qualified_name": e.qualified_name, "plugin": e.plugin,
+                            "dist": e.dist, "version": e.version, "override": e.override,
                             "description": e.metadata.get("description")} for e in describe()],
             "plugins": [p.as_dict() for p in reg.plugins.values()],
+            "conflicts": [str(c) for c in conflicts],
         }, indent=2))
         return
-    table = Table(title="Registered plugins", title_justify="left")
-    for column in ("kind", "name", "plugin", "distribution", "description"):
-        table.add_column(column)
-    for e in describe():
-        table.add_row(e.kind, e.name, e.plugin, f"{e.dist or '-'} {e.version or ''}".strip(),
-                      escape(str(e.metadata.get("description", ""))))
-    out.print(table)
-    failures = reg.failures()
-    if failures:
-        failed = Table(title="Plugins that failed to load", title_justify="left", style="red")
-        failed.add_column("plugin")
-        failed.add_column("distribution")
-        failed.add_column("error")
-        for p in failures:
-            failed.add_row(p.name, f"{p.dist or '-'} {p.version or ''}".strip(), escape(p.error or ""))
-        out.print(failed)
+    if verbose:
+        out.print(plugin_tree(reg))
+    else:
+        table = Table(title="Registered plugins", title_justify="left")
+        for column in ("kind", "name", "plugin", "distribution", "description"):
+            table.add_column(column)
+        clashing = {(c.kind, c.name) for c in conflicts}
+        for e in describe():
+            name = e.qualified_name if (e.kind, e.name) in clashing else e.name
+            table.add_row(e.kind, name, e.plugin, f"{e.dist or '-'} {e.version or ''}".strip(),
+                          escape(str(e.metadata.get("description", ""))))
+        out.print(table)
+        failures = reg.failures()
+        if failures:
+            failed = Table(title="Plugins that failed to load", title_justify="left", style="red")
+            failed.add_column("plugin")
+            failed.add_column("distribution")
+            failed.add_column("error")
+            for p in failures:
+                failed.add_row(p.name, f"{p.dist or '-'} {p.version or ''}".strip(), escape(p.error or ""))
+            out.print(failed)
+    for conflict in conflicts:
+        out.print(f"[yellow]conflict:[/] {escape(str(conflict))}")
+
+
+def plugin_tree(reg: Any) -> Any:
+    """Plugins grouped by distribution: version, entry point, what each registered, and why one failed."""
+    from rich.tree import Tree
+
+    tree = Tree("[bold]Plugins by distribution[/]")
+    by_dist: dict[str, list[Any]] = {}
+    for p in reg.plugins.values():
+        by_dist.setdefault(f"{p.dist or '(no distribution)'} {p.version or ''}".strip(), []).append(p)
+    for dist, members in by_dist.items():
+        dist_node = tree.add(f"[bold]{escape(dist)}[/]")
+        for p in members:
+            status = "[green]ok[/]" if p.ok else "[red]FAILED[/]"
+            where = "built-in module" if p.builtin else f"entry point {escape(p.entry_point or '(added in code)')}"
+            branch = dist_node.add(f"{status} {escape(p.name)} ({where})")
+            for kind, names in p.registered.items():
+                branch.add(f"{kind}: {escape(', '.join(names))}")
+            if not p.ok:
+                branch.add(f"[red]error:[/] {escape(p.error or '')}")
+                if p.traceback:
+                    branch.add(f"[dim]{escape(p.traceback)}[/]")
+    return tree
 
 
 @app.command()

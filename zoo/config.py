@@ -45,11 +45,18 @@ def raise_errors(title: str, errors: list[tuple[Loc, str, Any]]) -> None:
 
 def _plugin_name_check(kind: str) -> Callable[[str], str]:
     def check(name: str) -> str:
-        names = registry.available(kind)
-        if name not in names:
+        try:
+            registry.entry(kind, name)
+        except registry.AmbiguousPluginError as exc:
+            raise PydanticCustomError("ambiguous_plugin", "{msg}", {"msg": str(exc)}) from None
+        except registry.UnknownPluginError:
+            names = registry.available(kind)
             close = difflib.get_close_matches(name, names, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             message = f"unknown {kind} {name!r}; registered: {', '.join(names)}{hint}"
+            failed = registry.get_registry().failures()
+            if failed:
+                message += "; plugins that failed to load: " + ", ".join(f"{p.name} ({p.error})" for p in failed)
             raise PydanticCustomError("unknown_plugin", "{msg}", {"msg": message})
         return name
 

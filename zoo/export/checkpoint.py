@@ -85,11 +85,13 @@ def _holds_steps(root: Path) -> bool:
     return any(child.name.isdigit() or "orbax-checkpoint-tmp" in child.name for child in root.iterdir())
 
 
-def save(directory: str | os.PathLike, config: ModelConfig, params: Any) -> Path:
+def save(directory: str | os.PathLike, config: ModelConfig, params: Any,
+         extra_metadata: dict[str, Any] | None = None) -> Path:
     """Save ``params`` and ``config`` as a new step under ``directory``; returns the step's folder.
 
     An existing checkpoint directory gets the next step number and keeps its earlier steps; a
-    non-empty directory that is not a checkpoint is refused.
+    non-empty directory that is not a checkpoint is refused. ``extra_metadata`` (JSON) is stored
+    with the metadata, e.g. where a converted model came from.
     """
     root = _resolve(directory)
     if root.exists() and (not root.is_dir() or (any(root.iterdir()) and not _holds_steps(root))):
@@ -100,7 +102,7 @@ def save(directory: str | os.PathLike, config: ModelConfig, params: Any) -> Path
         manager.save(step, args=ocp.args.Composite(
             params=ocp.args.StandardSave(params),
             config=ocp.args.JsonSave(config.model_dump(mode="json")),
-            metadata=ocp.args.JsonSave(_metadata(config, params)),
+            metadata=ocp.args.JsonSave({**_metadata(config, params), **(extra_metadata or {})}),
         ))
         manager.wait_until_finished()
     return root / str(step)

@@ -9,4 +9,5 @@ BUILTIN_MODULES = (
     "zoo.plugins.layers.mlstm",
     "zoo.plugins.layers.mlstm_v1",
     "zoo.export.stablehlo",
+    "zoo.export.savedmodel",
 )

@@ -2,7 +2,9 @@
 
 ``resolve(kind, name)`` and ``available(kind)`` use the process-wide registry, which is built
 on first use from the built-in plugins plus the ``zoo`` entry-point group
-(``ZOO_DISABLE_PLUGIN_AUTOLOAD=1`` skips entry points, ``ZOO_PLUGINS=a,b`` is an allowlist).
+(``ZOO_DISABLE_PLUGIN_AUTOLOAD=1`` skips entry points, ``ZOO_PLUGINS=a,b`` is an allowlist,
+``ZOO_TRACE_PLUGINS=1`` logs every hook call and registration to stderr). A name registered by two
+distributions resolves as ``dist:name``; the bare name is ambiguous unless one says ``override=True``.
 """
 
 from __future__ import annotations
@@ -12,7 +14,10 @@ from collections.abc import Iterator
 from typing import Any
 
 from .hookspecs import KINDS, hookimpl, hookspec
+from .contracts import ContractError
 from .manager import (
+    AmbiguousPluginError,
+    Conflict,
     PluginConflictError,
     PluginError,
     PluginInfo,
@@ -22,7 +27,7 @@ from .manager import (
 )
 
 __all__ = [
-    "KINDS", "PluginConflictError", "PluginError", "PluginInfo", "PluginRegistry", "Registration",
+    "KINDS", "AmbiguousPluginError", "Conflict", "ContractError", "PluginConflictError", "PluginError", "PluginInfo", "PluginRegistry", "Registration",
     "UnknownPluginError", "available", "describe", "entry", "get_registry", "hookimpl", "hookspec",
     "resolve", "use_registry",
 ]

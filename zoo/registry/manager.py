@@ -5,20 +5,24 @@ from __future__ import annotations
 import difflib
 import importlib
 import importlib.metadata
+import logging
 import os
+import sys
 import traceback
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import pluggy
-from pydantic import BaseModel
-
 from . import hookspecs
+from .contracts import ContractError, check_registration
 from .hookspecs import HOOK_BY_KIND, KINDS, PROJECT
 
 ENTRY_POINT_GROUP = "zoo"
 BUILTIN_DIST = "xlstm-zoo"
+TRUE = {"1", "true", "yes"}
+
+_log = logging.getLogger("zoo.plugins")
 
 
 class PluginError(Exception):
@@ -36,6 +40,10 @@ class UnknownPluginError(LookupError):
         return str(self.args[0])
 
 
+class AmbiguousPluginError(UnknownPluginError):
+    """A bare name was resolved that several distributions registered, none with ``override=True``."""
+
+
 @dataclass(frozen=True)
 class Registration:
     """One registered object: its kind and name, where it came from, and its metadata."""
@@ -47,6 +55,22 @@ class Registration:
     dist: str | None
     version: str | None
     metadata: Mapping[str, Any]
+    builtin: bool = False
+
+    @property
+    def namespace(self) -> str:
+        """The prefix of the qualified name: the distribution, or the plugin name when there is none."""
+        return self.dist or self.plugin
+
+    @property
+    def qualified_name(self) -> str:
+        """``namespace:name``, unique even when two distributions register the same name."""
+        return f"{self.namespace}:{self.name}"
+
+    @property
+    def override(self) -> bool:
+        """True when the plugin asked this registration to take the bare name from earlier ones."""
+        return bool(self.metadata.get("override"))
 
     @property
     def origin(self) -> str:
@@ -92,10 +116,61 @@ def _short_traceback(exc: BaseException, limit: int = 6) -> str:
     return "".join(traceback.format_exception(exc, limit=-limit)).rstrip()
 
 
-def _check_metadata(kind: str, name: str, metadata: Mapping[str, Any]) -> None:
-    model = metadata.get("kwargs_model")
-    if model is not None and not (isinstance(model, type) and issubclass(model, BaseModel)):
-        raise PluginError(f"{kind} {name!r}: kwargs_model must be a pydantic BaseModel subclass, got {model!r}")
+@dataclass(frozen=True)
+class Conflict:
+    """Several plugins registered one name for one kind: who did, and what the bare name resolves to.
+
+    The bare name goes to the one registration that says ``override=True``; failing that, to the
+    built-in one; failing that, it is ambiguous. Every registration stays reachable as ``dist:name``.
+    """
+
+    kind: str
+    name: str
+    registrations: tuple[Registration, ...]
+
+    @property
+    def winner(self) -> Registration | None:
+        """The registration the bare name resolves to, or None when it is ambiguous."""
+        overrides = [r for r in self.registrations if r.override]
+        if overrides:
+            return overrides[0] if len(overrides) == 1 else None
+        return next((r for r in self.registrations if r.builtin), None)
+
+    def __str__(self) -> str:
+        who = " and by ".join(r.origin for r in self.registrations)
+        winner = self.winner
+        if winner is None:
+            return (f"{self.kind} {self.name!r} is registered by {who}; name one of "
+                    f"{', '.join(repr(r.qualified_name) for r in self.registrations)}, or let one plugin register "
+                    f"it with override=True")
+        why = "registered with override=True" if winner.override else "built in; override=True would take it"
+        others = ", ".join(repr(r.qualified_name) for r in self.registrations if r is not winner)
+        return (f"{self.kind} {self.name!r} is registered by {who}; the name means {winner.qualified_name!r} "
+                f"({why}), the others stay reachable as {others}")
+
+
+def _short_traceback(exc: BaseException, limit: int = 6) -> str:
+    return "".join(traceback.format_exception(exc, limit=-limit)).rstrip()
+
+
+def _start_tracing(pm: pluggy.PluginManager) -> None:
+    """Log every hook call (which plugins it reaches) and its outcome to the ``zoo.plugins`` logger on stderr."""
+    if not _log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("zoo.plugins: %(message)s"))
+        _log.addHandler(handler)
+        _log.setLevel(logging.INFO)
+        _log.propagate = False
+
+    def before(hook_name: str, impls: list[Any], kwargs: Mapping[str, Any]) -> None:
+        if impls:
+            _log.info("calling %s of %s", hook_name, ", ".join(impl.plugin_name for impl in impls))
+
+    def after(outcome: Any, hook_name: str, impls: list[Any], kwargs: Mapping[str, Any]) -> None:
+        if outcome.exception is not None:
+            _log.info("%s raised %s: %s", hook_name, type(outcome.exception).__name__, outcome.exception)
+
+    pm.add_hookcall_monitoring(before, after)
 
 
 class PluginRegistry:
@@ -112,15 +187,19 @@ class PluginRegistry:
         builtins: bool = True,
         autoload: bool | None = None,
         allowlist: Iterable[str] | None = None,
+        trace: bool | None = None,
     ) -> None:
         self.pm = pluggy.PluginManager(PROJECT)
         self.pm.add_hookspecs(hookspecs)
-        self._entries: dict[str, dict[str, Registration]] = {kind: {} for kind in KINDS}
+        self.trace = os.environ.get("ZOO_TRACE_PLUGINS", "").strip().lower() in TRUE if trace is None else trace
+        if self.trace:
+            _start_tracing(self.pm)
+        self._entries: dict[str, dict[str, list[Registration]]] = {kind: {} for kind in KINDS}
         self.plugins: dict[str, PluginInfo] = {}
         if builtins:
             self._load_builtins()
         if autoload is None:
-            autoload = os.environ.get("ZOO_DISABLE_PLUGIN_AUTOLOAD", "").strip() not in {"1", "true", "yes"}
+            autoload = os.environ.get("ZOO_DISABLE_PLUGIN_AUTOLOAD", "").strip().lower() not in TRUE
         if allowlist is None and os.environ.get("ZOO_PLUGINS", "").strip():
             allowlist = [n.strip() for n in os.environ["ZOO_PLUGINS"].split(",") if n.strip()]
         if autoload:
@@ -149,6 +228,8 @@ class PluginRegistry:
                 continue
             seen.update({ep.name, dist})
             spec = f"{ep.name} = {ep.value}"
+            if self.trace:
+                _log.info("loading entry point %s from %s %s", spec, dist, version)
             try:
                 obj = ep.load()
             except Exception as exc:  # any import-time failure is the plugin's, not ours
@@ -160,7 +241,8 @@ class PluginRegistry:
             self.add_plugin(obj, ep.name, dist=dist, version=version, entry_point=spec)
         for missing in sorted((wanted or set()) - seen):
             self.plugins[missing] = PluginInfo(
-                missing, error="named in ZOO_PLUGINS but no installed plugin has that name")
+                missing, error="requested (ZOO_PLUGINS or an explicit load) but no installed plugin or "
+                "distribution has that name")
 
     def add_plugin(
         self,
@@ -191,7 +273,7 @@ class PluginRegistry:
             info.traceback = _short_traceback(exc)
             return info
         for reg in pending:
-            self._entries[reg.kind][reg.name] = reg
+            self._entries[reg.kind].setdefault(reg.name, []).append(reg)
             info.registered.setdefault(reg.kind, []).append(reg.name)
         return info
 
@@ -209,21 +291,32 @@ class PluginRegistry:
             self.pm.subset_hook_caller(hook_name, remove_plugins=others)(register=register)
         return pending
 
-    @staticmethod
-    def _register_callback(kind: str, info: PluginInfo, pending: list[Registration]):
+    def _register_callback(self, kind: str, info: PluginInfo, pending: list[Registration]):
         def register(name: str, obj: Any, **metadata: Any) -> None:
-            if not isinstance(name, str) or not name:
-                raise PluginError(f"{kind} names must be non-empty strings, got {name!r}")
-            _check_metadata(kind, name, metadata)
-            pending.append(Registration(kind, name, obj, info.name, info.dist, info.version, metadata))
+            if not isinstance(name, str) or not name or ":" in name:
+                raise PluginError(f"{kind} names must be non-empty strings without ':', got {name!r}")
+            try:
+                check_registration(kind, obj, metadata)
+            except ContractError as exc:
+                raise ContractError(f"{kind} {name!r} from {info.name}: {exc}") from None
+            reg = Registration(kind, name, obj, info.name, info.dist, info.version, metadata, info.builtin)
+            if self.trace:
+                _log.info("%s registered %s %r%s", info.name, kind, name, " (override)" if reg.override else "")
+            pending.append(reg)
 
         return register
 
     def _check_conflicts(self, pending: list[Registration]) -> None:
+        """Refuse a name registered twice by one plugin, or by two plugins of one distribution.
+
+        Two distributions registering one name is allowed: both stay reachable as ``dist:name``,
+        and :meth:`conflicts` reports them (see :class:`Conflict` for what the bare name means).
+        """
         seen: dict[tuple[str, str], Registration] = {}
         for reg in pending:
             key = (reg.kind, reg.name)
-            first = seen.get(key) or self._entries[reg.kind].get(reg.name)
+            same = [r for r in self._entries[reg.kind].get(reg.name, []) if r.namespace == reg.namespace]
+            first = seen.get(key) or (same[0] if same else None)
             if first is not None:
                 raise PluginConflictError(
                     f"{reg.kind} {reg.name!r} is registered twice: by {first.origin} and by {reg.origin}")
@@ -232,16 +325,37 @@ class PluginRegistry:
     # -- queries -------------------------------------------------------------------------
 
     def available(self, kind: str) -> list[str]:
-        """Sorted names registered for ``kind``."""
-        return sorted(self._table(kind))
+        """Sorted names that resolve for ``kind``: each unambiguous bare name, plus ``dist:name`` for
+        every registration of a name that several plugins registered."""
+        names = []
+        for name, regs in self._table(kind).items():
+            if isinstance(self._lookup(kind, name), Registration):
+                names.append(name)
+            if len(regs) > 1:
+                names += [r.qualified_name for r in regs]
+        return sorted(names)
+
+    def _lookup(self, kind: str, name: str) -> Registration | Conflict | None:
+        table = self._table(kind)
+        if ":" in name:
+            namespace, bare = name.split(":", 1)
+            return next((r for r in table.get(bare, []) if r.namespace == namespace), None)
+        regs = table.get(name, [])
+        if len(regs) <= 1:
+            return regs[0] if regs else None
+        conflict = Conflict(kind, name, tuple(regs))
+        return conflict.winner or conflict
 
     def entry(self, kind: str, name: str) -> Registration:
-        """The full registration of ``name`` in ``kind``; unknown names list the known ones."""
-        table = self._table(kind)
-        if name in table:
-            return table[name]
-        message = f"unknown {kind} {name!r}; registered {kind} names: {', '.join(sorted(table)) or '(none)'}"
-        close = difflib.get_close_matches(name, list(table), n=1)
+        """The registration of ``name`` (or ``dist:name``) in ``kind``; unknown or ambiguous names explain why."""
+        found = self._lookup(kind, name)
+        if isinstance(found, Registration):
+            return found
+        if isinstance(found, Conflict):
+            raise AmbiguousPluginError(f"ambiguous {kind} name: {found}")
+        known = self.available(kind)
+        message = f"unknown {kind} {name!r}; registered {kind} names: {', '.join(known) or '(none)'}"
+        close = difflib.get_close_matches(name, known, n=1)
         if close:
             message += f". Did you mean {close[0]!r}?"
         failed = [p for p in self.plugins.values() if not p.ok]
@@ -254,15 +368,24 @@ class PluginRegistry:
         return self.entry(kind, name).obj
 
     def describe(self, kind: str | None = None) -> list[Registration]:
-        """Every registration, optionally of one kind, sorted by kind and name."""
+        """Every registration (conflicting ones included), optionally of one kind, sorted by kind and name."""
         kinds = [kind] if kind is not None else list(KINDS)
-        return [self._table(k)[n] for k in kinds for n in sorted(self._table(k))]
+        return [r for k in kinds for n in sorted(self._table(k)) for r in self._table(k)[n]]
+
+    def conflicts(self) -> list[Conflict]:
+        """Names registered by more than one plugin, with what each bare name resolves to."""
+        found = []
+        for kind in KINDS:
+            for name, regs in sorted(self._table(kind).items()):
+                if len(regs) > 1:
+                    found.append(Conflict(kind, name, tuple(regs)))
+        return found
 
     def failures(self) -> list[PluginInfo]:
         """Plugins that failed to import or register."""
         return [p for p in self.plugins.values() if not p.ok]
 
-    def _table(self, kind: str) -> dict[str, Registration]:
+    def _table(self, kind: str) -> dict[str, list[Registration]]:
         if kind not in self._entries:
             raise ValueError(f"unknown plugin kind {kind!r}; kinds: {', '.join(KINDS)}")
         return self._entries[kind]

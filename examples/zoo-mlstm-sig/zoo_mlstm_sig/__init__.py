@@ -1,0 +1,1 @@
+"""mLSTMsig cells (``parallel_sig``, ``chunkwise_sig``, ``recurrent_sig``) and the ``rmsnorm_offset`` norm."""

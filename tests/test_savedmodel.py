@@ -1,0 +1,99 @@
+"""SavedModel artifacts run in a process that can import neither zoo nor jax, and match the JAX model."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import zoo
+from helpers import EXPORT_TOKENS as TOKENS
+from helpers import assert_rel_close, perturbed
+from helpers import export_config as config
+from zoo.export.entries import ExportError
+from zoo.export.savedmodel import export_savedmodel
+
+RUNNER = """
+import sys
+import numpy as np
+
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("zoo", "jax", "jaxlib"):
+            raise ImportError(f"{name} must not be importable here")
+sys.meta_path.insert(0, Block())
+
+import tensorflow as tf
+inputs, output, *artifacts = sys.argv[1:]
+data = dict(np.load(inputs))
+results = {}
+for i, artifact in enumerate(artifacts):
+    model = tf.saved_model.load(artifact)
+    results[f"{i}_signatures"] = np.asarray(sorted(model.signatures))
+    results[f"{i}_variable_elements"] = np.asarray(sum(int(np.prod(v.shape)) for v in tf.nest.flatten(model.params)))
+    forward, prefill, step = (model.signatures[n] for n in ("serving_default", "prefill", "step"))
+    for key in ("small", "large"):
+        tokens = data[key]
+        results[f"{i}_forward_{key}"] = forward(tokens=tf.constant(tokens))["logits"].numpy()
+        out = prefill(tokens=tf.constant(tokens[:, :-2]))
+        results[f"{i}_prefill_{key}"] = out["logits"].numpy()
+        for t in (-2, -1):
+            out = step(token=tf.constant(tokens[:, t]), **{k: v for k, v in out.items() if k.startswith("state_")})
+            results[f"{i}_step{t}_{key}"] = out["logits"].numpy()
+        for k, v in out.items():
+            if k.startswith("state_"):
+                results[f"{i}_final_{k}_{key}"] = v.numpy()
+assert not {"jax", "zoo"} & set(sys.modules)
+np.savez(output, **results)
+"""
+
+
+def test_savedmodel_runs_without_jax_or_zoo_and_matches(tmp_path):
+    cases = []
+    for layer_type in ("mlstm", "mlstm_v1"):
+        cfg = config(layer_type)
+        params = perturbed(zoo.init_params(cfg), 4, 0.3)
+        artifact = export_savedmodel(cfg, params, tmp_path / layer_type)
+        cases.append((cfg, params, artifact))
+    manifest = json.loads((cases[0][2] / "manifest.json").read_text())
+    assert manifest["weights"] == "variables" and manifest["platforms"] == ["cpu", "cuda", "tpu"]
+    assert manifest["entries"]["step"]["inputs"][0] == {"name": "token", "shape": ["?"], "dtype": "int32"}
+    assert {"state_c", "state_n", "state_m"} <= {d["name"] for d in manifest["entries"]["step"]["inputs"]}
+
+    np.savez(tmp_path / "inputs.npz", **TOKENS)
+    (tmp_path / "runner.py").write_text(textwrap.dedent(RUNNER))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, str(tmp_path / "runner.py"), str(tmp_path / "inputs.npz"),
+                           str(tmp_path / "out.npz"), *(str(a) for _, _, a in cases)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr
+    out = np.load(tmp_path / "out.npz")
+    for i, (cfg, params, _) in enumerate(cases):
+        assert list(out[f"{i}_signatures"]) == ["prefill", "serving_default", "step"]
+        assert int(out[f"{i}_variable_elements"]) == zoo.param_count(cfg)  # weights are variables, not constants
+        for key, tokens in TOKENS.items():
+            assert_rel_close(out[f"{i}_forward_{key}"], np.asarray(zoo.forward(cfg, params, tokens)))
+            logits, state = zoo.prefill(cfg, params, tokens[:, :-2])
+            assert_rel_close(out[f"{i}_prefill_{key}"], np.asarray(logits))
+            for t in (-2, -1):
+                logits, state = zoo.step(cfg, params, tokens[:, t], state)
+                assert_rel_close(out[f"{i}_step{t}_{key}"][:, 0], np.asarray(logits))
+            for name, value in state.items():
+                assert_rel_close(out[f"{i}_final_state_{name}_{key}"], np.asarray(value))
+
+
+def test_savedmodel_options_are_checked_before_tensorflow_loads(tmp_path):
+    cfg = config("mlstm")
+    params = zoo.init_params(cfg)
+    with pytest.raises(ExportError, match="tf.Variables"):
+        export_savedmodel(cfg, params, tmp_path / "a", weights="baked")
+    with pytest.raises(ExportError, match="--static applies to stablehlo"):
+        export_savedmodel(cfg, params, tmp_path / "b", static=(1, 4))
+    with pytest.raises(ExportError, match="platforms must be among cpu, cuda, tpu"):
+        export_savedmodel(cfg, params, tmp_path / "c", platforms=["rocm"])
+    assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()

@@ -1,0 +1,1 @@
+"""Conversions between zoo checkpoints and other projects' formats (``torch``: NX-AI's PyTorch xlstm)."""

@@ -1,0 +1,133 @@
+"""The entry points every exporter serves (``forward``, ``prefill``, ``step``) and what they share.
+
+An entry is a function of ``(params, *args)``; its arguments are abstract values whose batch and
+sequence sizes are either symbolic (``b``, ``s``) or fixed integers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import export
+
+from zoo import registry
+from zoo.config import ModelConfig
+
+ENTRIES = ("forward", "prefill", "step")
+PLATFORMS = ("cpu", "cuda", "tpu")
+BACKEND_OF_ENTRY = {"forward": "backend", "prefill": "prefill_backend", "step": "step_backend"}
+
+
+class ExportError(ValueError):
+    """A model cannot be exported as asked (for example, a backend that does not lower cleanly)."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One entry point: ``fn(params, *args)``, its abstract arguments and their names."""
+
+    name: str
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
+    arg_names: tuple[str, ...]
+
+
+def check_request(config: ModelConfig, entries: Sequence[str], platforms: Sequence[str]) -> None:
+    """Refuse unknown entries or platforms, backends not registered as ``exportable`` (naming both), and
+    platforms a backend does not declare."""
+    unknown = sorted(set(entries) - set(ENTRIES))
+    if unknown or not entries:
+        raise ExportError(f"entries must be among {', '.join(ENTRIES)} (got {', '.join(entries) or 'none'})")
+    bad_platforms = sorted(set(platforms) - set(PLATFORMS))
+    if bad_platforms or not platforms:
+        raise ExportError(f"platforms must be among {', '.join(PLATFORMS)} (got {', '.join(platforms) or 'none'})")
+    exportable = [n for n in registry.available("cell") if registry.entry("cell", n).metadata.get("exportable")]
+    for name in entries:
+        field = BACKEND_OF_ENTRY[name]
+        backend = getattr(config.cell, field).name
+        if backend not in exportable:
+            raise ExportError(f"entry {name!r} runs cell {backend!r} (mlstm_cell.{field}), which is not registered "
+                              f"as exportable; use one of: {', '.join(exportable)}")
+        declared = registry.entry("cell", backend).metadata["platforms"]
+        if not set(platforms) <= set(declared):
+            raise ExportError(f"entry {name!r} runs cell {backend!r}, which declares platforms "
+                              f"{', '.join(declared)}; it cannot be lowered for {', '.join(sorted(set(platforms) - set(declared)))}")
+
+
+def make_entries(config: ModelConfig, names: Sequence[str], static: tuple[int, int] | None = None) -> list[Entry]:
+    """The requested entries, with symbolic batch ``b`` and sequence ``s`` unless ``static=(B, S)``."""
+    from zoo.api import build
+
+    model = build(config)
+    b, s = batch_and_sequence(static)
+    state = abstract_state(config, b)
+    tokens = jax.ShapeDtypeStruct((b, s), jnp.int32)
+    every = {
+        "forward": Entry("forward", lambda p, t: model.apply({"params": p}, t), (tokens,), ("tokens",)),
+        "prefill": Entry("prefill", lambda p, t: model.apply({"params": p}, t, mode="prefill"), (tokens,),
+                         ("tokens",)),
+        "step": Entry("step", lambda p, t, st: model.apply({"params": p}, t[:, None], mode="step", state=st),
+                      (jax.ShapeDtypeStruct((b,), jnp.int32), state), ("token", "state")),
+    }
+    return [every[name] for name in names]
+
+
+def batch_and_sequence(static: tuple[int, int] | None) -> tuple[Any, Any]:
+    """The batch and sequence sizes: ``static`` or the symbols ``b`` and ``s``."""
+    return tuple(static) if static is not None else export.symbolic_shape("b, s")
+
+
+def abstract_state(config: ModelConfig, batch: Any) -> Any:
+    """Shapes and dtypes of the decoding state for ``batch`` sequences (leading axis: blocks)."""
+    from zoo.api import init_state
+
+    return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct((a.shape[0], batch, *a.shape[2:]), a.dtype),
+                                  init_state(config, 1))
+
+
+def new_directory(out_dir: str | os.PathLike) -> Path:
+    """Create ``out_dir`` (absolute), refusing one that already holds files."""
+    out = Path(out_dir).expanduser().resolve()
+    if out.exists() and any(out.iterdir()):
+        raise ExportError(f"{out} is not empty; export into a new directory")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def describe(tree: Any, prefix: str) -> list[dict[str, Any]]:
+    """Name, shape and dtype of each leaf, named by its path under ``prefix`` (``state['c']``)."""
+    return [{"name": prefix + jax.tree_util.keystr(path), "shape": [str(d) for d in leaf.shape],
+             "dtype": str(leaf.dtype)} for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def abstract(tree: Any) -> Any:
+    """Shape and dtype of each leaf of ``tree``."""
+    return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+
+
+def common_manifest(config: ModelConfig, fmt: str, platforms: Sequence[str], entries: Sequence[str],
+                    static: tuple[int, int] | None = None) -> dict[str, Any]:
+    """Manifest fields shared by every format: config and its hash, versions, platforms, state layout."""
+    from zoo import __version__
+
+    config_json = config.model_dump_json()
+    stateful = {"prefill", "step"} & set(entries)
+    return {
+        "format": fmt,
+        "platforms": list(platforms),
+        "zoo_version": __version__,
+        "jax_version": jax.__version__,
+        "config_sha256": hashlib.sha256(config_json.encode()).hexdigest(),
+        "config": json.loads(config_json),
+        "vocab_size": config.vocab_size,
+        "state_structure": describe(abstract_state(config, batch_and_sequence(static)[0]), "state")
+        if stateful else [],
+    }
