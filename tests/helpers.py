@@ -1,5 +1,10 @@
 """Small helpers shared by the tests."""
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import jax
 import numpy as np
 
@@ -32,3 +37,29 @@ def assert_rel_close(actual, expected, rtol: float = 1e-5):
     actual, expected = np.asarray(actual), np.asarray(expected)
     assert actual.shape == expected.shape, (actual.shape, expected.shape)
     assert float(np.abs(actual - expected).max()) <= rtol * float(np.abs(expected).max())
+
+
+BLOCKER = """
+import sys
+
+class _Blocked:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {blocked!r}:
+            raise ImportError(f"{{name}} must not be importable here")
+
+sys.meta_path.insert(0, _Blocked())
+"""
+
+
+def run_without(blocked: tuple[str, ...], tmp_path, source: str, *args) -> None:
+    """Run ``source`` as a script in a fresh interpreter where the ``blocked`` packages cannot be imported.
+
+    The script fails if any of them ends up in ``sys.modules`` anyway (imported by something else).
+    """
+    check = f"\nassert not set(sys.modules) & {set(blocked)!r}, 'a blocked package was imported'\n"
+    script = tmp_path / "runner.py"
+    script.write_text(BLOCKER.format(blocked=tuple(blocked)) + textwrap.dedent(source) + check)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, str(script), *map(str, args)], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr

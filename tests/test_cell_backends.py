@@ -22,7 +22,6 @@ results are cached at module level so that each (backend, shape) compiles once.
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp

@@ -34,9 +34,14 @@ def invoke_zoo(*args: str) -> subprocess.CompletedProcess:
     """Run the CLI app in this process; the result looks like a finished subprocess."""
     from typer.testing import CliRunner
 
-    from zoo.cli import app
+    from zoo import cli
 
-    result = CliRunner().invoke(app, list(args), env={"COLUMNS": "120"})
+    widths = cli.out.width, cli.err.width
+    cli.out.width = cli.err.width = 160  # the consoles were sized when zoo.cli was first imported
+    try:
+        result = CliRunner().invoke(cli.app, list(args))
+    finally:
+        cli.out.width, cli.err.width = widths
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         raise result.exception
     return subprocess.CompletedProcess(args, result.exit_code, result.stdout, result.stderr)
@@ -142,12 +147,12 @@ def test_multi_device_preset_is_refused_clearly():
 
 
 def test_presets_schema_and_plugins_commands():
-    listing = run_zoo("presets")
+    listing = invoke_zoo("presets")
     assert listing.returncode == 0
     for name in presets.names():
         assert name in listing.stdout
     assert "1,422,559,616" in listing.stdout
-    schema = json.loads(run_zoo("schema").stdout)
+    schema = json.loads(invoke_zoo("schema").stdout)
     assert schema["title"] == "ModelConfig" and "mlstm_block" in schema["properties"]
-    plugins = run_zoo("plugins")
+    plugins = invoke_zoo("plugins")
     assert plugins.returncode == 0 and "layernorm" in plugins.stdout and "zoo.plugins.norms" in plugins.stdout

@@ -394,7 +394,8 @@ def test_allowlist_loads_only_named_plugins(plugin_path):
     third_party = {p["name"]: p for p in data["plugins"] if not p["builtin"]}
     assert set(third_party) == {"good", "not-installed"}
     assert third_party["good"]["error"] is None
-    assert "requested (ZOO_PLUGINS or an explicit load) but no installed plugin" in third_party["not-installed"]["error"]
+    assert "requested (ZOO_PLUGINS or an explicit load) but no installed plugin" in \
+        third_party["not-installed"]["error"]
 
 
 def test_check_backends_includes_third_party_cells_and_fails_on_disagreement(plugin_path):

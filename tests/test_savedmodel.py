@@ -3,31 +3,19 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
 
 import zoo
 from helpers import EXPORT_TOKENS as TOKENS
-from helpers import assert_rel_close, perturbed
+from helpers import assert_rel_close, perturbed, run_without
 from helpers import export_config as config
 from zoo.export.entries import ExportError
 from zoo.export.savedmodel import export_savedmodel
 
 RUNNER = """
-import sys
 import numpy as np
-
-class Block:
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("zoo", "jax", "jaxlib"):
-            raise ImportError(f"{name} must not be importable here")
-sys.meta_path.insert(0, Block())
-
 import tensorflow as tf
 inputs, output, *artifacts = sys.argv[1:]
 data = dict(np.load(inputs))
@@ -48,7 +36,6 @@ for i, artifact in enumerate(artifacts):
         for k, v in out.items():
             if k.startswith("state_"):
                 results[f"{i}_final_{k}_{key}"] = v.numpy()
-assert not {"jax", "zoo"} & set(sys.modules)
 np.savez(output, **results)
 """
 
@@ -66,12 +53,8 @@ def test_savedmodel_runs_without_jax_or_zoo_and_matches(tmp_path):
     assert {"state_c", "state_n", "state_m"} <= {d["name"] for d in manifest["entries"]["step"]["inputs"]}
 
     np.savez(tmp_path / "inputs.npz", **TOKENS)
-    (tmp_path / "runner.py").write_text(textwrap.dedent(RUNNER))
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.run([sys.executable, str(tmp_path / "runner.py"), str(tmp_path / "inputs.npz"),
-                           str(tmp_path / "out.npz"), *(str(a) for _, _, a in cases)],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stderr
+    run_without(("zoo", "jax", "jaxlib"), tmp_path, RUNNER, tmp_path / "inputs.npz", tmp_path / "out.npz",
+                *(a for _, _, a in cases))
     out = np.load(tmp_path / "out.npz")
     for i, (cfg, params, _) in enumerate(cases):
         assert list(out[f"{i}_signatures"]) == ["prefill", "serving_default", "step"]

@@ -184,7 +184,8 @@ def zoo_config_neurips(cfg: Mapping[str, Any], dtype: str) -> dict[str, Any]:
             _refuse(f"mlstm_block.mlstm.{key}", layer[key], f"it differs from the model's {embedding_dim}")
     context_length = int(cfg.get("context_length", -1))
     return {
-        "vocab_size": int(cfg["vocab_size"]), "embedding_dim": embedding_dim, "num_blocks": int(cfg.get("num_blocks", 1)),
+        "vocab_size": int(cfg["vocab_size"]), "embedding_dim": embedding_dim,
+        "num_blocks": int(cfg.get("num_blocks", 1)),
         "dtype": dtype, "norm_type": "layernorm", "norm_eps": 1e-5, "logits_soft_cap": None,
         "add_post_blocks_norm": bool(cfg.get("add_post_blocks_norm", True)),
         "tie_weights": bool(cfg.get("tie_weights", False)), "bias": bool(cfg.get("bias", False)),
@@ -234,7 +235,8 @@ def mapping_xlstm_large(cfg: ModelConfig, keys: set[str]) -> dict[str, Source]:
     dqk, dv = sizes["qk_dim"], sizes["v_dim"]
     embedding = "backbone.embeddings.weight" if "backbone.embeddings.weight" in keys else "embedding.weight"
     heads = lambda w: w.reshape(NH, -1)  # noqa: E731
-    out = {"token_embedding/embedding": Source((embedding,), same), "lm_head/kernel": Source(("lm_head.weight",), transpose)}
+    out = {"token_embedding/embedding": Source((embedding,), same),
+           "lm_head/kernel": Source(("lm_head.weight",), transpose)}
     if cfg.add_post_blocks_norm:
         out["out_norm/scale"] = Source(("backbone.out_norm.weight",), same)
     P = cfg.mlstm_block.feedforward.proj_up_dim
@@ -250,7 +252,8 @@ def mapping_xlstm_large(cfg: ModelConfig, keys: set[str]) -> dict[str, Source]:
         }
         if layer + "qkv_opreact.weight" in keys:
             fused = layer + "qkv_opreact.weight"
-            bounds = {"q": (0, dqk), "k": (dqk, 2 * dqk), "v": (2 * dqk, 2 * dqk + dv), "o": (2 * dqk + dv, 2 * dqk + 2 * dv)}
+            bounds = {"q": (0, dqk), "k": (dqk, 2 * dqk), "v": (2 * dqk, 2 * dqk + dv),
+                      "o": (2 * dqk + dv, 2 * dqk + 2 * dv)}
             out |= {dst + f"xlstm/dense_{n}/kernel": Source((fused,), transpose, rows) for n, rows in bounds.items()}
             for n, rows in (("i", (0, NH)), ("f", (NH, 2 * NH))):
                 out[dst + f"xlstm/{n}gate/kernel"] = Source((layer + "ifgate_preact.weight",), transpose, rows)

@@ -58,8 +58,9 @@ def check_request(config: ModelConfig, entries: Sequence[str], platforms: Sequen
                               f"as exportable; use one of: {', '.join(exportable)}")
         declared = registry.entry("cell", backend).metadata["platforms"]
         if not set(platforms) <= set(declared):
+            missing = ", ".join(sorted(set(platforms) - set(declared)))
             raise ExportError(f"entry {name!r} runs cell {backend!r}, which declares platforms "
-                              f"{', '.join(declared)}; it cannot be lowered for {', '.join(sorted(set(platforms) - set(declared)))}")
+                              f"{', '.join(declared)}; it cannot be lowered for {missing}")
 
 
 def make_entries(config: ModelConfig, names: Sequence[str], static: tuple[int, int] | None = None) -> list[Entry]:

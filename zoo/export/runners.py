@@ -82,7 +82,8 @@ def _savedmodel(path: Path, manifest: dict[str, Any]) -> Artifact:
     try:
         import tensorflow as tf
     except ImportError as exc:
-        raise ExportError(f"running a SavedModel needs TensorFlow ({exc}); pip install 'xlstm-zoo[savedmodel]'") from exc
+        raise ExportError(f"running a SavedModel needs TensorFlow ({exc}); "
+                          "pip install 'xlstm-zoo[savedmodel]'") from exc
 
     loaded = tf.saved_model.load(str(path))
     signatures = {name: loaded.signatures[e["signature"]] for name, e in manifest["entries"].items()}

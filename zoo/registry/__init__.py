@@ -27,9 +27,9 @@ from .manager import (
 )
 
 __all__ = [
-    "KINDS", "AmbiguousPluginError", "Conflict", "ContractError", "PluginConflictError", "PluginError", "PluginInfo", "PluginRegistry", "Registration",
-    "UnknownPluginError", "available", "describe", "entry", "get_registry", "hookimpl", "hookspec",
-    "resolve", "use_registry",
+    "KINDS", "AmbiguousPluginError", "Conflict", "ContractError", "PluginConflictError", "PluginError",
+    "PluginInfo", "PluginRegistry", "Registration", "UnknownPluginError", "available", "describe", "entry",
+    "get_registry", "hookimpl", "hookspec", "resolve", "use_registry",
 ]
 
 _registry: PluginRegistry | None = None
