@@ -234,18 +234,22 @@ def convert_torch(
                                               "dtype, bfloat16 or float32)")] = None,
 ) -> None:
     """Convert an xlstm_large (xLSTM-7B) or NeurIPS xLSTMLMModel checkpoint into a zoo checkpoint."""
-    from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from zoo.convert.torch import from_torch
 
     if dtype is not None and dtype not in ("float32", "bfloat16", "float16"):
         raise typer.BadParameter(f"--dtype must be float32, bfloat16 or float16 (got {dtype!r})")
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), DownloadColumn())
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[size]}"))
     with Progress(*columns, console=err, transient=True) as bar, bad_input_exits(str(src)):
-        task = bar.add_task("converting", total=None)
+        task = bar.add_task("converting", total=None, size="")
+        done = 0
 
-        def advance(name: str, nbytes: int) -> None:
-            bar.update(task, description=f"converting {name}", advance=1)
+        def advance(name: str, nbytes: int, total: int, total_bytes: int) -> None:
+            nonlocal done
+            done += nbytes
+            bar.update(task, description=f"tensors ({name})", advance=1, total=total,
+                       size=f"{done / 2**20:.1f}/{total_bytes / 2**20:.1f} MiB")
 
         start = time.perf_counter()
         report = from_torch(src, out_dir, dtype=dtype, progress=advance)

@@ -388,11 +388,12 @@ def _source_dtype(source: TensorSource) -> str:
 
 
 def from_torch(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str | None = None,
-               progress: Callable[[str, int], None] | None = None) -> ConversionReport:
+               progress: Callable[[str, int, int, int], None] | None = None) -> ConversionReport:
     """Convert a PyTorch xlstm checkpoint folder into a new zoo checkpoint at ``out``.
 
     ``dtype`` is the compute dtype of the zoo config (default: bfloat16 for bfloat16 tensors, else
-    float32); params are stored in float32. ``progress(tensor_name, nbytes)`` is called per tensor.
+    float32); params are stored in float32. ``progress(param, nbytes, total_params, total_bytes)`` is
+    called after each parameter.
     """
     from zoo.api import load_config
     from zoo.export.checkpoint import save
@@ -424,10 +425,11 @@ def from_torch(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str | N
         tied = {"lm_head.weight"} if fmt == NEURIPS and config.tie_weights else set()
         ignored = _check_sources(mapping, shapes, source, optional=tied)
         flat = {}
+        total_bytes = sum(4 * math.prod(shape) for shape in shapes.values())
         for path, expected in shapes.items():
             flat[path] = _read(source, mapping[path], path, expected)
             if progress:
-                progress(path, flat[path].nbytes)
+                progress(path, flat[path].nbytes, len(shapes), total_bytes)
         if tied and "lm_head.weight" in source.shapes and not np.array_equal(
                 source.get("lm_head.weight"), source.get("token_embedding.weight")):
             raise ConvertError("tensor 'lm_head.weight' differs from 'token_embedding.weight' although the config "
