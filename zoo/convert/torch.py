@@ -204,10 +204,10 @@ def zoo_config_neurips(cfg: Mapping[str, Any], dtype: str) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class Source:
-    """Where one zoo parameter comes from: tensor(s), an optional row range, and a transform."""
+    """Where one zoo parameter comes from: a tensor, an optional row range of it, and a transform."""
 
-    keys: tuple[str, ...]
-    transform: Callable[..., np.ndarray]
+    key: str
+    transform: Callable[[np.ndarray], np.ndarray]
     rows: tuple[int, int] | None = None
 
 
@@ -235,42 +235,42 @@ def mapping_xlstm_large(cfg: ModelConfig, keys: set[str]) -> dict[str, Source]:
     dqk, dv = sizes["qk_dim"], sizes["v_dim"]
     embedding = "backbone.embeddings.weight" if "backbone.embeddings.weight" in keys else "embedding.weight"
     heads = lambda w: w.reshape(NH, -1)  # noqa: E731
-    out = {"token_embedding/embedding": Source((embedding,), same),
-           "lm_head/kernel": Source(("lm_head.weight",), transpose)}
+    out = {"token_embedding/embedding": Source(embedding, same),
+           "lm_head/kernel": Source("lm_head.weight", transpose)}
     if cfg.add_post_blocks_norm:
-        out["out_norm/scale"] = Source(("backbone.out_norm.weight",), same)
+        out["out_norm/scale"] = Source("backbone.out_norm.weight", same)
     P = cfg.mlstm_block.feedforward.proj_up_dim
     for i in range(cfg.num_blocks):
         src, dst = f"backbone.blocks.{i}.", f"blocks_{i}/"
         layer = src + "mlstm_layer."
         out |= {
-            dst + "xlstm_norm/scale": Source((src + "norm_mlstm.weight",), same),
-            dst + "ffn_norm/scale": Source((src + "norm_ffn.weight",), same),
-            dst + "xlstm/outnorm/scale": Source((layer + "multihead_norm.weight",), heads),
-            dst + "xlstm/proj_down/kernel": Source((layer + "out_proj.weight",), transpose),
-            dst + "ffn/proj_down/kernel": Source((src + "ffn.proj_down.weight",), transpose),
+            dst + "xlstm_norm/scale": Source(src + "norm_mlstm.weight", same),
+            dst + "ffn_norm/scale": Source(src + "norm_ffn.weight", same),
+            dst + "xlstm/outnorm/scale": Source(layer + "multihead_norm.weight", heads),
+            dst + "xlstm/proj_down/kernel": Source(layer + "out_proj.weight", transpose),
+            dst + "ffn/proj_down/kernel": Source(src + "ffn.proj_down.weight", transpose),
         }
         if layer + "qkv_opreact.weight" in keys:
             fused = layer + "qkv_opreact.weight"
             bounds = {"q": (0, dqk), "k": (dqk, 2 * dqk), "v": (2 * dqk, 2 * dqk + dv),
                       "o": (2 * dqk + dv, 2 * dqk + 2 * dv)}
-            out |= {dst + f"xlstm/dense_{n}/kernel": Source((fused,), transpose, rows) for n, rows in bounds.items()}
+            out |= {dst + f"xlstm/dense_{n}/kernel": Source(fused, transpose, rows) for n, rows in bounds.items()}
             for n, rows in (("i", (0, NH)), ("f", (NH, 2 * NH))):
-                out[dst + f"xlstm/{n}gate/kernel"] = Source((layer + "ifgate_preact.weight",), transpose, rows)
-                out[dst + f"xlstm/{n}gate/bias"] = Source((layer + "ifgate_preact.bias",), same, rows)
+                out[dst + f"xlstm/{n}gate/kernel"] = Source(layer + "ifgate_preact.weight", transpose, rows)
+                out[dst + f"xlstm/{n}gate/bias"] = Source(layer + "ifgate_preact.bias", same, rows)
         else:
             for n, key in (("q", "q"), ("k", "k"), ("v", "v"), ("o", "ogate_preact")):
-                out[dst + f"xlstm/dense_{n}/kernel"] = Source((layer + f"{key}.weight",), transpose)
+                out[dst + f"xlstm/dense_{n}/kernel"] = Source(layer + f"{key}.weight", transpose)
             for n in ("i", "f"):
-                out[dst + f"xlstm/{n}gate/kernel"] = Source((layer + f"{n}gate_preact.weight",), transpose)
-                out[dst + f"xlstm/{n}gate/bias"] = Source((layer + f"{n}gate_preact.bias",), same)
+                out[dst + f"xlstm/{n}gate/kernel"] = Source(layer + f"{n}gate_preact.weight", transpose)
+                out[dst + f"xlstm/{n}gate/bias"] = Source(layer + f"{n}gate_preact.bias", same)
         if src + "ffn.proj_up_gate_z.weight" in keys:
             fused = src + "ffn.proj_up_gate_z.weight"
-            out[dst + "ffn/proj_up_gate/kernel"] = Source((fused,), transpose, (0, P))
-            out[dst + "ffn/proj_up/kernel"] = Source((fused,), transpose, (P, 2 * P))
+            out[dst + "ffn/proj_up_gate/kernel"] = Source(fused, transpose, (0, P))
+            out[dst + "ffn/proj_up/kernel"] = Source(fused, transpose, (P, 2 * P))
         else:
-            out[dst + "ffn/proj_up_gate/kernel"] = Source((src + "ffn.proj_up_gate.weight",), transpose)
-            out[dst + "ffn/proj_up/kernel"] = Source((src + "ffn.proj_up.weight",), transpose)
+            out[dst + "ffn/proj_up_gate/kernel"] = Source(src + "ffn.proj_up_gate.weight", transpose)
+            out[dst + "ffn/proj_up/kernel"] = Source(src + "ffn.proj_up.weight", transpose)
     return out
 
 
@@ -279,37 +279,37 @@ def mapping_neurips(cfg: ModelConfig, keys: set[str]) -> dict[str, Source]:
     NH = cfg.layer.num_heads
     Di = cfg.derived_sizes()["inner_dim"]
     heads = lambda w: (1 + w).reshape(NH, -1)  # noqa: E731
-    out = {"token_embedding/embedding": Source(("token_embedding.weight",), same)}
+    out = {"token_embedding/embedding": Source("token_embedding.weight", same)}
     if not cfg.tie_weights:
-        out["lm_head/kernel"] = Source(("lm_head.weight",), transpose)
+        out["lm_head/kernel"] = Source("lm_head.weight", transpose)
     if cfg.add_post_blocks_norm:
-        out["out_norm/scale"] = Source(("xlstm_block_stack.post_blocks_norm.weight",), one_plus)
+        out["out_norm/scale"] = Source("xlstm_block_stack.post_blocks_norm.weight", one_plus)
     for i in range(cfg.num_blocks):
         src, dst = f"xlstm_block_stack.blocks.{i}.", f"blocks_{i}/"
         layer, x = src + "xlstm.", dst + "xlstm/"
         out |= {
-            dst + "xlstm_norm/scale": Source((src + "xlstm_norm.weight",), one_plus),
-            x + "proj_up_mlstm/kernel": Source((layer + "proj_up.weight",), transpose, (0, Di)),
-            x + "proj_up_z/kernel": Source((layer + "proj_up.weight",), transpose, (Di, 2 * Di)),
-            x + "conv1d/kernel": Source((layer + "conv1d.conv.weight",), lambda w: np.ascontiguousarray(
+            dst + "xlstm_norm/scale": Source(src + "xlstm_norm.weight", one_plus),
+            x + "proj_up_mlstm/kernel": Source(layer + "proj_up.weight", transpose, (0, Di)),
+            x + "proj_up_z/kernel": Source(layer + "proj_up.weight", transpose, (Di, 2 * Di)),
+            x + "conv1d/kernel": Source(layer + "conv1d.conv.weight", lambda w: np.ascontiguousarray(
                 w.transpose(2, 1, 0))),
-            x + "conv1d/bias": Source((layer + "conv1d.conv.bias",), same),
-            x + "mlstm_cell/igate/kernel": Source((layer + "mlstm_cell.igate.weight",), transpose),
-            x + "mlstm_cell/igate/bias": Source((layer + "mlstm_cell.igate.bias",), same),
-            x + "mlstm_cell/fgate/kernel": Source((layer + "mlstm_cell.fgate.weight",), transpose),
-            x + "mlstm_cell/fgate/bias": Source((layer + "mlstm_cell.fgate.bias",), same),
-            x + "mlstm_cell/outnorm/scale": Source((layer + "mlstm_cell.outnorm.weight",), heads),
-            x + "learnable_skip": Source((layer + "learnable_skip",), same),
-            x + "proj_down/kernel": Source((layer + "proj_down.weight",), transpose),
+            x + "conv1d/bias": Source(layer + "conv1d.conv.bias", same),
+            x + "mlstm_cell/igate/kernel": Source(layer + "mlstm_cell.igate.weight", transpose),
+            x + "mlstm_cell/igate/bias": Source(layer + "mlstm_cell.igate.bias", same),
+            x + "mlstm_cell/fgate/kernel": Source(layer + "mlstm_cell.fgate.weight", transpose),
+            x + "mlstm_cell/fgate/bias": Source(layer + "mlstm_cell.fgate.bias", same),
+            x + "mlstm_cell/outnorm/scale": Source(layer + "mlstm_cell.outnorm.weight", heads),
+            x + "learnable_skip": Source(layer + "learnable_skip", same),
+            x + "proj_down/kernel": Source(layer + "proj_down.weight", transpose),
         }
         for n in ("q", "k", "v"):
-            out[x + f"{n}_proj/kernel"] = Source((layer + f"{n}_proj.weight",), same)
+            out[x + f"{n}_proj/kernel"] = Source(layer + f"{n}_proj.weight", same)
         if cfg.layer.bias:
             out |= {
-                x + "proj_up_mlstm/bias": Source((layer + "proj_up.bias",), same, (0, Di)),
-                x + "proj_up_z/bias": Source((layer + "proj_up.bias",), same, (Di, 2 * Di)),
-                x + "proj_down/bias": Source((layer + "proj_down.bias",), same),
-                **{x + f"{n}_proj/bias": Source((layer + f"{n}_proj.bias",), same) for n in ("q", "k", "v")},
+                x + "proj_up_mlstm/bias": Source(layer + "proj_up.bias", same, (0, Di)),
+                x + "proj_up_z/bias": Source(layer + "proj_up.bias", same, (Di, 2 * Di)),
+                x + "proj_down/bias": Source(layer + "proj_down.bias", same),
+                **{x + f"{n}_proj/bias": Source(layer + f"{n}_proj.bias", same) for n in ("q", "k", "v")},
             }
     return out
 
@@ -349,7 +349,7 @@ def _unflatten(flat: Mapping[str, np.ndarray]) -> dict[str, Any]:
 def _check_sources(mapping: Mapping[str, Source], shapes: Mapping[str, tuple[int, ...]], source: TensorSource,
                    optional: set[str]) -> list[str]:
     """Refuse missing and unexpected tensors before reading any data; returns the ignored optional ones."""
-    needed = {key for s in mapping.values() for key in s.keys}
+    needed = {s.key for s in mapping.values()}
     missing = sorted(needed - set(source.shapes))
     if missing:
         raise ConvertError(f"missing tensor(s): {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
@@ -365,19 +365,16 @@ def _check_sources(mapping: Mapping[str, Source], shapes: Mapping[str, tuple[int
 
 
 def _read(source: TensorSource, spec: Source, path: str, expected: tuple[int, ...]) -> np.ndarray:
-    arrays = []
-    for key in spec.keys:
-        array = source.get(key)
-        if spec.rows is not None:
-            start, stop = spec.rows
-            if array.shape[0] < stop:
-                raise ConvertError(f"tensor {key!r} has shape {array.shape}; rows [{start}, {stop}) are needed "
-                                   f"for {path}")
-            array = array[start:stop]
-        arrays.append(array)
-    value = spec.transform(*arrays)
+    array = source.get(spec.key)
+    if spec.rows is not None:
+        start, stop = spec.rows
+        if array.shape[0] < stop:
+            raise ConvertError(f"tensor {spec.key!r} has shape {array.shape}; rows [{start}, {stop}) are needed "
+                               f"for {path}")
+        array = array[start:stop]
+    value = spec.transform(array)
     if tuple(value.shape) != expected:
-        raise ConvertError(f"tensor {', '.join(spec.keys)} has shape {tuple(source.shapes[spec.keys[0]])}, which "
+        raise ConvertError(f"tensor {spec.key} has shape {tuple(source.shapes[spec.key])}, which "
                            f"gives {tuple(value.shape)} for {path}; the config needs {expected}")
     return np.asarray(value, np.float32)
 
@@ -507,8 +504,7 @@ def to_torch(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Path:
             for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
     tensors: dict[str, np.ndarray] = {}
     for path, spec in mapping_xlstm_large(config, set()).items():
-        value = flat[path]
-        [key] = spec.keys
+        value, key = flat[path], spec.key
         if spec.transform is transpose:
             value = value.T
         elif spec.transform is not same:  # the head reshape of the multi-head norm
