@@ -95,7 +95,6 @@ class TensorSource:
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.dtypes: dict[str, str] = {}
         self.nbytes = 0
-        self._files = files
         for path in files:
             handle = stack.enter_context(safe_open(str(path), framework="numpy"))
             for key in handle.keys():
@@ -179,9 +178,9 @@ def zoo_config_neurips(cfg: Mapping[str, Any], dtype: str) -> dict[str, Any]:
     if not layer and "mlstm_block" not in cfg:
         _refuse("mlstm_block", None, "a NeurIPS config needs an mlstm_block")
     embedding_dim = int(cfg.get("embedding_dim", 128))
-    for key in ("embedding_dim",):
-        if layer.get(key, embedding_dim) not in (-1, embedding_dim):
-            _refuse(f"mlstm_block.mlstm.{key}", layer[key], f"it differs from the model's {embedding_dim}")
+    if layer.get("embedding_dim", embedding_dim) not in (-1, embedding_dim):
+        _refuse("mlstm_block.mlstm.embedding_dim", layer["embedding_dim"],
+                f"it differs from the model's {embedding_dim}")
     context_length = int(cfg.get("context_length", -1))
     return {
         "vocab_size": int(cfg["vocab_size"]), "embedding_dim": embedding_dim,
@@ -325,7 +324,6 @@ class ConversionReport:
     checkpoint: Path
     tensors: int
     source_bytes: int
-    ignored: list[str]
 
 
 def _flat_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -347,8 +345,8 @@ def _unflatten(flat: Mapping[str, np.ndarray]) -> dict[str, Any]:
 
 
 def _check_sources(mapping: Mapping[str, Source], shapes: Mapping[str, tuple[int, ...]], source: TensorSource,
-                   optional: set[str]) -> list[str]:
-    """Refuse missing and unexpected tensors before reading any data; returns the ignored optional ones."""
+                   optional: set[str]) -> None:
+    """Refuse missing and unexpected tensors (``optional`` ones may be left over) before reading any data."""
     needed = {s.key for s in mapping.values()}
     missing = sorted(needed - set(source.shapes))
     if missing:
@@ -361,7 +359,6 @@ def _check_sources(mapping: Mapping[str, Source], shapes: Mapping[str, tuple[int
     unmapped = sorted(set(shapes) - set(mapping))
     if unmapped:
         raise ConvertError(f"zoo parameter(s) with no source: {', '.join(unmapped)}")
-    return extra
 
 
 def _read(source: TensorSource, spec: Source, path: str, expected: tuple[int, ...]) -> np.ndarray:
@@ -420,29 +417,29 @@ def from_torch(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str | N
         shapes = _flat_shapes(config)
         mapping = (mapping_xlstm_large if fmt == XLSTM_LARGE else mapping_neurips)(config, keys)
         tied = {"lm_head.weight"} if fmt == NEURIPS and config.tie_weights else set()
-        ignored = _check_sources(mapping, shapes, source, optional=tied)
+        _check_sources(mapping, shapes, source, optional=tied)
+        if tied and "lm_head.weight" in source.shapes and not np.array_equal(
+                source.get("lm_head.weight"), source.get("token_embedding.weight")):
+            raise ConvertError("tensor 'lm_head.weight' differs from 'token_embedding.weight' although the config "
+                               "ties them (tie_weights: true)")
         flat = {}
         total_bytes = sum(4 * math.prod(shape) for shape in shapes.values())
         for path, expected in shapes.items():
             flat[path] = _read(source, mapping[path], path, expected)
             if progress:
                 progress(path, flat[path].nbytes, len(shapes), total_bytes)
-        if tied and "lm_head.weight" in source.shapes and not np.array_equal(
-                source.get("lm_head.weight"), source.get("token_embedding.weight")):
-            raise ConvertError("tensor 'lm_head.weight' differs from 'token_embedding.weight' although the config "
-                               "ties them (tie_weights: true)")
         params = _unflatten(flat)
-    staging = Path(tempfile.mkdtemp(prefix=".converting-", dir=out_dir.parent if out_dir.parent.exists() else None))
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".converting-", dir=out_dir.parent))  # same filesystem: rename is atomic
     try:
         save(staging / "checkpoint", config, params, extra_metadata={
             "converted_from": {"format": fmt, "path": str(src_dir), "config": torch_config}})
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
         if out_dir.exists():
             out_dir.rmdir()
         (staging / "checkpoint").rename(out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return ConversionReport(fmt, out_dir, len(shapes), source.nbytes, ignored)
+    return ConversionReport(fmt, out_dir, len(shapes), source.nbytes)
 
 
 # -- zoo -> xlstm_large --------------------------------------------------------------------------

@@ -38,6 +38,7 @@ def _tensor_spec(tf: Any, aval: Any, name: str) -> Any:
 
 
 def _spec_rows(specs: dict[str, Any]) -> list[dict[str, Any]]:
+    """Name, shape (``?`` where polymorphic) and dtype of each named ``tf.TensorSpec``."""
     return [{"name": name, "shape": [d if d is not None else "?" for d in spec.shape.as_list()],
              "dtype": spec.dtype.name} for name, spec in specs.items()]
 
@@ -96,8 +97,7 @@ def export_savedmodel(config: ModelConfig, params: Any, out_dir: str | os.PathLi
         manifest_signatures[entry.name] = {
             "signature": SIGNATURE_OF_ENTRY[entry.name],
             "inputs": _spec_rows(specs),
-            "outputs": [{"name": k, "shape": v.shape.as_list(), "dtype": v.dtype.name}
-                        for k, v in concrete.structured_outputs.items()],
+            "outputs": _spec_rows(concrete.structured_outputs),
         }
     tf.saved_model.save(module, str(out), signatures=signatures)
     manifest = common_manifest(config, "savedmodel", platforms, entries)
