@@ -4,7 +4,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test clean
+.PHONY: demo test bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,15 @@ demo: $(VENV)/.installed
 # -n auto: one pytest worker per core (2 on the CI machine)
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -n auto
+
+$(VENV)/.installed-bench: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e ".[bench]"
+	touch $@ $(VENV)/.installed
+
+# kernel, model, decode, compile and export benchmarks (~15-20 min on 2 cores); writes
+# benchmarks/results/bench.json and PNG plots, prints the targets met/missed. `make bench BENCH_ARGS=--quick`: smoke run
+bench: $(VENV)/.installed-bench
+	$(BIN)/python -m benchmarks all $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) checkpoints artifacts .pytest_cache

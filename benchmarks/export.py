@@ -365,11 +365,13 @@ def main(argv=None):
     print(f"total {meta['total_s']:.0f} s")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "exports": info, "results": rows}, indent=2) + "\n")
+    result = {"meta": meta, "exports": info, "results": rows}
+    out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
     wrong = [f"{r['format']} B={r['B']}" for r in rows if r.get("correct") is False]
     if wrong:
         sys.exit(f"outputs differ from JAX beyond --tol {args.tol:g}: {', '.join(wrong)}")
+    return result
 
 
 if __name__ == "__main__":

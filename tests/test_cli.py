@@ -143,7 +143,8 @@ def test_abstract_build_of_7b_allocates_nothing():
 def test_multi_device_preset_is_refused_clearly():
     proc = run_zoo("build", "mlstm-7b", "--out", "unused")
     assert proc.returncode == 2
-    assert "parallel.fsdp_axis_size=8" in proc.stderr and "Traceback" not in proc.stderr
+    message = " ".join(proc.stderr.split())
+    assert "fsdp × pipeline × model sizes = 8 must divide the 1 device(s)" in message and "Traceback" not in message
 
 
 def test_presets_schema_and_plugins_commands():

@@ -214,6 +214,11 @@ def test_backend_kwargs_validated_by_the_backend():
     ({**make(), "parallel": {"data_axis_size": 0}}, ("parallel", "data_axis_size")),
     ({**make(), "parallel": {"remat": ["Decoder"]}}, ("parallel", "remat", 0)),
     ({**make(), "parallel": {"fsdp_gather_dtype": "float64"}}, ("parallel", "fsdp_gather_dtype")),
+    ({**make(), "parallel": {"pipeline_axis_size": 2}}, ("parallel", "pipeline_axis_size")),
+    ({**make(), "parallel": {"tp_async_dense": True}}, ("parallel", "tp_async_dense")),
+    ({**make(), "parallel": {"fsdp_grad_scatter_dtype": "bfloat16"}}, ("parallel", "fsdp_grad_scatter_dtype")),
+    ({**make(), "parallel": {"model_axis_name": "dp"}}, ("parallel", "model_axis_name")),
+    ({**make(), "parallel": {"model_axis_size": 3}}, ("parallel", "model_axis_size")),
     (make(cell={"gate_soft_cap": 0}), ("mlstm_block", "mlstm", "mlstm_cell", "gate_soft_cap")),
 ])
 def test_out_of_range_values(data, loc):

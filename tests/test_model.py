@@ -11,7 +11,6 @@ import pytest
 
 import helpers
 import zoo
-from zoo.api import BuildError
 
 
 def config(**overrides):
@@ -124,8 +123,10 @@ def test_context_length_is_enforced():
         zoo.forward(cfg, zoo.init_params(cfg), TOKENS)
 
 
-def test_multi_device_parallel_configs_are_refused_not_ignored():
-    with pytest.raises(BuildError, match="parallel.fsdp_axis_size=8"):
+def test_parallel_configs_that_need_more_devices_are_refused_not_ignored():
+    from zoo.sharding import ShardingError
+
+    with pytest.raises(ShardingError, match="= 8 must divide the 1 device"):
         zoo.init_params(config(parallel={"fsdp_axis_size": 8}))
 
 

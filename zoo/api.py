@@ -13,8 +13,9 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding
 
-from zoo import presets
+from zoo import presets, sharding
 from zoo.config import ModelConfig
 from zoo.model import LMModel
 
@@ -53,26 +54,9 @@ def load_config(source: str | os.PathLike | Mapping[str, Any] | ModelConfig) -> 
     return ModelConfig.model_validate(data)
 
 
-class BuildError(RuntimeError):
-    """A valid config that cannot be built here (for example, one that asks for several devices)."""
-
-
-def check_devices(config: ModelConfig) -> None:
-    """Refuse configs whose ``parallel`` section needs a multi-device mesh, which is not implemented yet."""
-    p = config.parallel
-    if p is None:
-        return
-    wanted = {name: size for name in ("data_axis_size", "fsdp_axis_size", "pipeline_axis_size", "model_axis_size")
-              if (size := getattr(p, name)) > 1}
-    if wanted:
-        listed = ", ".join(f"parallel.{name}={size}" for name, size in wanted.items())
-        raise BuildError(f"{listed}: sharding over several devices is not implemented yet; set these sizes to 1 "
-                         f"to build on one device (param shapes and counts are available with --abstract)")
-
-
-def build(config: ModelConfig) -> nn.Module:
-    """The Flax module for ``config``."""
-    return LMModel(config)
+def build(config: ModelConfig, mesh: Mesh | None = None) -> nn.Module:
+    """The Flax module for ``config``; with a ``mesh``, its activations are constrained to the batch layout."""
+    return LMModel(config, mesh=mesh)
 
 
 def _init_fn(config: ModelConfig):
@@ -81,19 +65,31 @@ def _init_fn(config: ModelConfig):
 
 
 @functools.lru_cache(maxsize=32)
-def _compiled_init(config_json: str):
-    return jax.jit(_init_fn(ModelConfig.model_validate_json(config_json)))
+def _compiled_init(config_json: str, mesh: Mesh | None):
+    config = ModelConfig.model_validate_json(config_json)
+    init = _init_fn(config)
+    shardings = None if mesh is None else sharding.param_shardings(config, mesh)
+    return jax.jit(lambda key: nn.unbox(init(key)), out_shardings=shardings)
 
 
-def init_params(config: ModelConfig, seed: int = 0) -> Params:
-    """Freshly initialised float32 parameters (on one device)."""
-    check_devices(config)
-    return _compiled_init(config.model_dump_json())(jax.random.PRNGKey(seed))
+def init_params(config: ModelConfig, seed: int = 0, mesh: Mesh | None = None) -> Params:
+    """Freshly initialised float32 parameters.
+
+    With a ``mesh`` (by default the one ``config.parallel`` asks for, see ``zoo.sharding.make_mesh``)
+    every device initialises only its own shards; the values equal a single-device init.
+    """
+    mesh = sharding.make_mesh(config) if mesh is None else mesh
+    return _compiled_init(config.model_dump_json(), mesh)(jax.random.PRNGKey(seed))
+
+
+def boxed_param_shapes(config: ModelConfig) -> Params:
+    """The parameter tree with its logical partitioning boxes (``nn.Partitioned``); nothing is allocated."""
+    return jax.eval_shape(_init_fn(config), jax.random.PRNGKey(0))
 
 
 def param_shapes(config: ModelConfig) -> Params:
     """The parameter tree as ``jax.ShapeDtypeStruct`` leaves; nothing is allocated."""
-    return jax.eval_shape(_init_fn(config), jax.random.PRNGKey(0))
+    return nn.unbox(boxed_param_shapes(config))
 
 
 def param_count(config: ModelConfig) -> int:
@@ -102,14 +98,28 @@ def param_count(config: ModelConfig) -> int:
 
 
 @functools.lru_cache(maxsize=32)
-def _compiled(config_json: str, mode: str):
-    model = build(ModelConfig.model_validate_json(config_json))
+def _compiled(config_json: str, mode: str, mesh: Mesh | None):
+    config = ModelConfig.model_validate_json(config_json)
+    model = build(config, mesh)
 
     @jax.jit
     def run(params, tokens, document_borders, state):
+        params = sharding.cast_for_gather(config, mesh, params)
         return model.apply({"params": params}, tokens, document_borders, mode=mode, state=state)
 
     return run
+
+
+def _run(config: ModelConfig, mode: str, params: Params, tokens: jax.Array, document_borders: jax.Array | None,
+         state: Any):
+    """Run ``mode`` on the mesh the params live on, with the batch split over dp × fsdp."""
+    mesh = sharding.mesh_of(params)
+    if mesh is not None:
+        sharding.check_batch(config, mesh, tokens.shape[0])
+        batch = NamedSharding(mesh, sharding.batch_spec(config))
+        tokens = jax.device_put(tokens, batch)
+        document_borders = None if document_borders is None else jax.device_put(document_borders, batch)
+    return _compiled(config.model_dump_json(), mode, mesh)(params, tokens, document_borders, state)
 
 
 def _tokens(tokens: Any, ndim: int, what: str) -> jax.Array:
@@ -135,8 +145,7 @@ def forward(config: ModelConfig, params: Params, tokens: Any, document_borders: 
     memory there when ``mlstm_cell.reset_at_document_boundaries`` is set.
     """
     tokens = _tokens(tokens, 2, "tokens")
-    return _compiled(config.model_dump_json(), "forward")(params, tokens, _borders(document_borders, tokens.shape),
-                                                          None)
+    return _run(config, "forward", params, tokens, _borders(document_borders, tokens.shape), None)
 
 
 State = dict[str, jax.Array]
@@ -151,8 +160,7 @@ def prefill(config: ModelConfig, params: Params, tokens: Any, state: State | Non
     Pass ``state`` to continue from an earlier prefill or step; it starts from zeros otherwise.
     """
     tokens = _tokens(tokens, 2, "tokens")
-    return _compiled(config.model_dump_json(), "prefill")(params, tokens, _borders(document_borders, tokens.shape),
-                                                          state)
+    return _run(config, "prefill", params, tokens, _borders(document_borders, tokens.shape), state)
 
 
 def step(config: ModelConfig, params: Params, token: Any, state: State) -> tuple[jax.Array, State]:
@@ -161,7 +169,7 @@ def step(config: ModelConfig, params: Params, token: Any, state: State) -> tuple
     Returns logits ``(B, vocab_size)`` and the new state.
     """
     token = _tokens(token, 1, "token")
-    logits, state = _compiled(config.model_dump_json(), "step")(params, token[:, None], None, state)
+    logits, state = _run(config, "step", params, token[:, None], None, state)
     return logits[:, 0], state
 
 

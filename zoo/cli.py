@@ -49,11 +49,12 @@ def report_validation_error(source: str, exc: ValidationError) -> None:
 @contextmanager
 def bad_input_exits(source: str) -> Iterator[None]:
     """Turn user-input errors into a short message on stderr and exit code 2."""
-    from zoo.api import BuildError, ConfigSourceError
+    from zoo.api import ConfigSourceError
     from zoo.convert.torch import ConvertError
     from zoo.export.checkpoint import CheckpointError
     from zoo.export.entries import ExportError
     from zoo.registry import UnknownPluginError
+    from zoo.sharding import ShardingError
 
     try:
         yield
@@ -66,7 +67,7 @@ def bad_input_exits(source: str) -> Iterator[None]:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(EXIT_BAD_INPUT)
-    except (ConfigSourceError, BuildError, ExportError, ConvertError, UnknownPluginError, OSError) as exc:
+    except (ConfigSourceError, ShardingError, ExportError, ConvertError, UnknownPluginError, OSError) as exc:
         err.print(f"[bold red]error:[/] {escape(str(exc))}")
     else:
         return
@@ -107,23 +108,38 @@ def build(
     seed: Annotated[int, typer.Option(help="PRNG seed of the initialisation")] = 0,
     abstract: Annotated[bool, typer.Option("--abstract", help="only compute shapes and sizes; "
                                            "allocate and save nothing")] = False,
+    devices: Annotated[int | None, typer.Option(min=1, help="with --abstract: plan the parallel layout for this "
+                                                "many devices (default: the devices present)")] = None,
 ) -> None:
-    """Validate CONFIG, resolve its plugins, initialise the model, print a summary and save a checkpoint."""
+    """Validate CONFIG, resolve its plugins, initialise the model, print a summary and save a checkpoint.
+
+    With a ``parallel`` section the model is initialised directly into its sharded layout on all devices
+    (of all processes, when launched as several), and each process writes its own shards.
+    """
     import jax
 
-    from zoo.api import check_devices, init_params, load_config, param_shapes
+    from zoo.api import init_params, load_config, param_shapes
     from zoo.export.checkpoint import save
-    from zoo.summary import summary
+    from zoo.sharding import axis_sizes, make_mesh
+    from zoo.summary import sharding_table, summary
 
     with bad_input_exits(config):
+        if devices is not None and not abstract:
+            raise typer.BadParameter("--devices plans a layout; it needs --abstract")
         cfg = load_config(config)
         shapes = param_shapes(cfg)
         out.print(summary(cfg, shapes))
+        if cfg.parallel is not None:
+            count = devices or jax.device_count()
+            if abstract and devices is None and count % cfg.parallel.product_of_fixed_sizes:
+                count = cfg.parallel.product_of_fixed_sizes  # too few devices here: plan for the fewest that fit
+            out.print(sharding_table(cfg, axis_sizes(cfg.parallel, count)))
         if abstract:
             return
-        check_devices(cfg)
+        mesh = make_mesh(cfg)
     target = out_dir or Path("checkpoints") / Path(config).stem
-    with out.status(f"initialising with seed {seed} on {jax.devices()[0].platform}"):
+    where = f"{jax.device_count()} {jax.devices()[0].platform} devices" if mesh else jax.devices()[0].platform
+    with out.status(f"initialising with seed {seed} on {where}"):
         start = time.perf_counter()
         params = jax.block_until_ready(init_params(cfg, seed))
         init_s = time.perf_counter() - start
@@ -405,8 +421,11 @@ def schema() -> None:
 
 
 def main(argv: list[str] | None = None) -> Callable[..., Any] | None:
-    """Console-script entry point."""
+    """Console-script entry point; joins JAX's distributed runtime when launched as several processes."""
+    from zoo.distributed import initialize_from_env
+
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    initialize_from_env()
     return app(args=argv if argv is not None else sys.argv[1:], prog_name="zoo")
 
 

@@ -118,6 +118,10 @@ class ZooModel(BaseModel):
         return data
 
 
+MAX_SIZE = 2**31 - 1
+"""Largest accepted size or derived width: XLA indexes array dimensions with 32-bit integers here."""
+Size = Annotated[int, Field(ge=1, le=MAX_SIZE)]
+
 PARALLEL_MODULES = ("Embed", "BlockStack", "LMHead", "mLSTMBlock", "xLSTMResBlock", "FFNResBlock",
                     "mLSTMInnerLayer", "mLSTMCell")
 REMAT_MODULES = ("mLSTMBlock", "xLSTMResBlock", "FFNResBlock")
@@ -125,7 +129,7 @@ AxisSize = Annotated[int, Field(ge=1)]
 
 
 class ParallelConfig(ZooModel):
-    """Device mesh and memory settings (see the reference's §2.7). Only one device is used so far."""
+    """Device mesh and memory settings (the reference's §2.7); ``zoo.sharding`` maps them onto devices."""
 
     data_axis_size: Annotated[int, Field(ge=-1)] = -1
     """Data-parallel size; -1 infers it from the device count."""
@@ -141,14 +145,40 @@ class ParallelConfig(ZooModel):
     """Modules rematerialised in the backward pass."""
     fsdp_modules: list[Literal[PARALLEL_MODULES]] = []  # type: ignore[valid-type]
     fsdp_min_weight_size: Annotated[int, Field(ge=0)] = 2**18
+    """Parameters with at most this many elements are never FSDP-sharded."""
     fsdp_gather_dtype: DType | None = None
+    """FSDP-sharded parameters are rounded to this dtype on their shard, before use (None: keep float32)."""
     fsdp_grad_scatter_dtype: DType | None = None
+    """Must be None: gradients are reduce-scattered in the dtype of the gathered parameters."""
     tp_async_dense: bool = False
+    """Must be False: XLA schedules the tensor-parallel collectives itself."""
+
+    @property
+    def product_of_fixed_sizes(self) -> int:
+        """fsdp × pipeline × model sizes: the devices one data-parallel replica needs."""
+        return self.fsdp_axis_size * self.pipeline_axis_size * self.model_axis_size
 
     @model_validator(mode="after")
     def _check(self) -> ParallelConfig:
+        errors: list[tuple[Loc, str, Any]] = []
         if self.data_axis_size == 0:
-            raise_errors("ParallelConfig", [(("data_axis_size",), "must be -1 (infer) or >= 1", 0)])
+            errors.append((("data_axis_size",), "must be -1 (infer) or >= 1", 0))
+        if self.pipeline_axis_size != 1:
+            errors.append((("pipeline_axis_size",), "pipeline parallelism is not supported; it must be 1 (use "
+                                                    "fsdp_axis_size or model_axis_size to split a large model)",
+                           self.pipeline_axis_size))
+        if self.fsdp_grad_scatter_dtype is not None:
+            errors.append((("fsdp_grad_scatter_dtype",), "is not supported and must be null: gradients are "
+                                                         "reduce-scattered in the dtype the parameters were gathered "
+                                                         "in", self.fsdp_grad_scatter_dtype))
+        if self.tp_async_dense:
+            errors.append((("tp_async_dense",), "is not supported and must be false: XLA schedules the "
+                                                "tensor-parallel collectives itself", True))
+        names = [self.data_axis_name, self.fsdp_axis_name, self.pipeline_axis_name, self.model_axis_name]
+        if len(set(names)) != 4:
+            errors.append((("model_axis_name",), f"the four axis names must differ, got {names}", names))
+        if errors:
+            raise_errors("ParallelConfig", errors)
         return self
 
 
@@ -225,9 +255,20 @@ class UpProjConfig(ZooModel):
 
     proj_factor: Annotated[float, Field(gt=0)]
     round_proj_up_dim_up: bool = True
-    round_proj_up_to_multiple_of: Annotated[int, Field(ge=1)] = 64
+    round_proj_up_to_multiple_of: Size = 64
     embedding_dim: int = -1
     """Inherited from the model."""
+
+    @model_validator(mode="after")
+    def _check_proj_up_dim(self) -> UpProjConfig:
+        try:
+            width = self.proj_up_dim
+        except (OverflowError, ValueError):
+            width = math.inf
+        if width > MAX_SIZE:
+            raise_errors(type(self).__name__, [(("proj_factor",), f"proj_factor·embedding_dim is too large (the "
+                                                f"up-projection width must be at most {MAX_SIZE})", self.proj_factor)])
+        return self
 
     @property
     def proj_up_dim(self) -> int:
@@ -242,9 +283,9 @@ class LayerConfig(UpProjConfig):
     """One mLSTM layer; ``layer_type`` picks the plugin (``mlstm``, ``mlstm_v1``, ...)."""
 
     proj_factor: Annotated[float, Field(gt=0)] = 2.0
-    conv1d_kernel_size: Annotated[int, Field(ge=0)] = 4
-    qkv_proj_blocksize: Annotated[int, Field(ge=1)] = 4
-    num_heads: Annotated[int, Field(ge=1)] = 4
+    conv1d_kernel_size: Annotated[int, Field(ge=0, le=MAX_SIZE)] = 4
+    qkv_proj_blocksize: Size = 4
+    num_heads: Size = 4
     vmap_qk: bool = False
     init_distribution: PluginName("distribution") = "normal"
     output_init_fn: PluginName("init") = "wang"
@@ -288,10 +329,29 @@ class LayerConfig(UpProjConfig):
                                getattr(node, leaf)))
         check = meta.get("check_config")
         if check and self.embedding_dim > 0 and not errors:
-            errors += [((field,), msg, getattr(self, field, None)) for field, msg in check(self)]
+            try:
+                errors += [((field,), msg, getattr(self, field, None)) for field, msg in check(self)]
+                too_large = [name for name, size in self.derived_sizes().items() if size > MAX_SIZE]
+            except (OverflowError, ValueError):  # a factor so large that a width is infinite
+                too_large = ["all"]
+            except Exception as exc:  # a bug in the layer plugin: name it
+                raise_errors("LayerConfig", [(("layer_type",), f"layer {self.layer_type!r} from {meta_origin(self)} "
+                                              f"failed to check this config: {type(exc).__name__}: {exc}",
+                                              self.layer_type)])
+            if too_large and not errors:
+                factors = ("qk_dim_factor", "v_dim_factor", "proj_factor")
+                field = max(factors, key=lambda name: getattr(self, name) * (
+                    too_large == ["all"] or any(name[0] in size for size in too_large)))
+                what = "overflow" if too_large == ["all"] else f"{', '.join(too_large)} exceed {MAX_SIZE}"
+                errors.append(((field,), f"too large: the derived widths {what}", getattr(self, field)))
         if errors:
             raise_errors("LayerConfig", errors)
         return self
+
+
+def meta_origin(layer: LayerConfig) -> str:
+    """Where the layer plugin of ``layer`` comes from (plugin, distribution and version)."""
+    return registry.entry("layer", layer.layer_type).origin
 
 
 class FeedForwardConfig(UpProjConfig):
@@ -338,8 +398,8 @@ class ModelConfig(ZooModel):
     mlstm_block: BlockConfig = Field(default_factory=BlockConfig)
     context_length: int = -1
     """Longest sequence accepted by ``forward`` (-1: no limit)."""
-    num_blocks: Annotated[int, Field(ge=1)] = 1
-    embedding_dim: Annotated[int, Field(ge=1)] = 128
+    num_blocks: Size = 1
+    embedding_dim: Size = 128
     add_post_blocks_norm: bool = True
     """Apply the final norm. (The reference ignores False; the zoo honours it.)"""
     bias: bool = False
@@ -351,7 +411,7 @@ class ModelConfig(ZooModel):
     parallel: ParallelConfig | None = None
     init_distribution_embed: PluginName("distribution") = "normal"
     init_distribution_out: PluginName("distribution") = "normal"
-    vocab_size: int = -1
+    vocab_size: Annotated[int, Field(le=MAX_SIZE)] = -1
     """Must be set (the reference default -1 means unset)."""
     tie_weights: bool = False
     """Use the token embedding as the LM head."""
@@ -406,6 +466,11 @@ class ModelConfig(ZooModel):
     def _check(self) -> ModelConfig:
         if self.vocab_size < 1:
             raise_errors("ModelConfig", [(("vocab_size",), "must be set to a positive integer", self.vocab_size)])
+        tp = self.parallel.model_axis_size if self.parallel else 1
+        if self.layer.num_heads % tp:
+            raise_errors("ModelConfig", [(("parallel", "model_axis_size"),
+                                          f"tensor parallelism splits heads: model_axis_size={tp} must divide "
+                                          f"mlstm_block.mlstm.num_heads={self.layer.num_heads}", tp)])
         return self
 
     @property
@@ -434,6 +499,18 @@ class ModelConfig(ZooModel):
 
         walk(self, "")
         return {kind: sorted(names) for kind, names in sorted(used.items())}
+
+    def with_parallel(self, parallel: ParallelConfig | None) -> ModelConfig:
+        """This config with another ``parallel`` section (set once, at the top, and inherited below)."""
+        data = self.model_dump(mode="json")
+        for path, fields in INHERITED.items():
+            node = data
+            for part in path:
+                node = node.get(part) if isinstance(node, dict) else None
+            if isinstance(node, dict) and "parallel" in fields:
+                node.pop("parallel", None)
+        data["parallel"] = None if parallel is None else parallel.model_dump(mode="json")
+        return ModelConfig.model_validate(data)
 
     def derived_sizes(self) -> dict[str, int]:
         """Every derived size: the layer's, plus the FFN width when there is one."""

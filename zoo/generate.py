@@ -24,14 +24,24 @@ def sample(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_k: int
 
 @functools.lru_cache(maxsize=8)
 def _step_and_sample(config_json: str, top_k: int):
+    """One jitted call per token: the model step, sampling and the key split; the old state's buffers are reused."""
     model = build(ModelConfig.model_validate_json(config_json))
 
-    @jax.jit
+    @functools.partial(jax.jit, donate_argnums=(2,))
     def run(params, token, state, key, temperature):
         logits, state = model.apply({"params": params}, token[:, None], mode="step", state=state)
-        return sample(logits[:, 0], key, temperature, top_k), state
+        key, sub = jax.random.split(key)
+        return sample(logits[:, 0], sub, temperature, top_k), state, key
 
     return run
+
+
+def step_fn(config: ModelConfig, top_k: int = 0):
+    """The jitted per-token function ``generate`` uses: ``(params, token, state, key, temperature) -> (token, state, key)``.
+
+    ``state`` is donated: its buffers are reused for the new state, so pass a state you no longer need.
+    """
+    return _step_and_sample(config.model_dump_json(), top_k)
 
 
 @dataclass
@@ -63,12 +73,11 @@ def generate(config: ModelConfig, params: Params, prompt: jax.Array, max_new_tok
     key, sub = jax.random.split(key)
     token = jax.block_until_ready(sample(logits[:, -1], sub, temperature, top_k))
     prefill_s = time.perf_counter() - start
-    step = _step_and_sample(config.model_dump_json(), top_k)
+    step = step_fn(config, top_k)
     out, first_step_s = [token], 0.0
     start = time.perf_counter()
     for n in range(max_new_tokens - 1):
-        key, sub = jax.random.split(key)
-        token, state = step(params, token, state, sub, temperature)
+        token, state, key = step(params, token, state, key, temperature)
         out.append(token)
         if n == 0:
             jax.block_until_ready(token)

@@ -11,10 +11,12 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding
 
 from zoo.config import BlockConfig, FeedForwardConfig, ModelConfig
-from zoo.parts import initializer, make_norm
+from zoo.parts import initializer, make_norm, partitioned
 from zoo.registry import resolve
+from zoo.sharding import batch_spec
 
 MODES = ("forward", "prefill", "step")
 
@@ -39,14 +41,14 @@ class FeedForward(nn.Module):
         cfg = self.config
         D, P = x.shape[-1], cfg.proj_up_dim
         dense = partial(nn.Dense, use_bias=cfg.bias, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.float32,
-                        kernel_init=initializer("small", cfg.init_distribution, D))
+                        kernel_init=partitioned(initializer("small", cfg.init_distribution, D), "embed", "mlp"))
         act = ACTIVATIONS[cfg.act_fn]
         if cfg.ff_type == "ffn_gated":
             h = act(dense(P, name="proj_up_gate")(x)) * dense(P, name="proj_up")(x)
         else:
             h = act(dense(P, name="proj_up")(x))
         out_init = initializer(cfg.output_init_fn, cfg.init_distribution, D, self.num_blocks)
-        y = dense(D, kernel_init=out_init, name="proj_down")(h)
+        y = dense(D, kernel_init=partitioned(out_init, "mlp", "embed"), name="proj_down")(h)
         return nn.Dropout(cfg.dropout)(y, deterministic=deterministic)
 
 
@@ -62,10 +64,13 @@ class ResidualBlock(nn.Module):
     remat: tuple[str, ...] = ()
     deterministic: bool = True
     mode: str = "forward"
+    batch_sharding: NamedSharding | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, document_borders: jax.Array | None = None, state: Any = None):
         cfg, deterministic = self.config, self.deterministic
+        if self.batch_sharding is not None:
+            x = jax.lax.with_sharding_constraint(x, self.batch_sharding)
         layer_cfg = cfg.mlstm
         eps, norm_type, dtype = layer_cfg.mlstm_cell.norm_eps, layer_cfg.norm_type, jnp.dtype(layer_cfg.dtype)
         layer_cls = resolve("layer", layer_cfg.layer_type)
@@ -106,11 +111,14 @@ class LMModel(nn.Module):
     """
 
     config: ModelConfig
+    mesh: Mesh | None = None
+    """When set, the residual stream is constrained to the batch layout of ``config.parallel``."""
 
     @nn.compact
     def __call__(self, tokens: jax.Array, document_borders: jax.Array | None = None, deterministic: bool = True,
                  mode: str = "forward", state: Any = None):
         cfg = self.config
+        batch_sharding = None if self.mesh is None else NamedSharding(self.mesh, batch_spec(cfg))
         S = tokens.shape[-1]
         if cfg.context_length > 0 and isinstance(S, int) and S > cfg.context_length:  # S is symbolic in exports
             raise ValueError(f"sequence length {S} exceeds context_length={cfg.context_length}")
@@ -118,16 +126,18 @@ class LMModel(nn.Module):
             raise ValueError(f"mode must be one of {MODES} (step needs a state), got {mode!r}")
         D, dtype = cfg.embedding_dim, jnp.dtype(cfg.dtype)
         embed = nn.Embed(cfg.vocab_size, D, dtype=dtype, param_dtype=jnp.float32,
-                         embedding_init=initializer("small", cfg.init_distribution_embed, D), name="token_embedding")
+                         embedding_init=partitioned(initializer("small", cfg.init_distribution_embed, D), "vocab", "embed"),
+                         name="token_embedding")
         x = embed(tokens)
         if cfg.add_embedding_dropout:
             x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
         remat = tuple(cfg.parallel.remat) if cfg.parallel else ()
         block_cls = nn.remat(ResidualBlock, prevent_cse=False) if "mLSTMBlock" in remat else ResidualBlock
-        block_args = (cfg.mlstm_block, cfg.num_blocks, remat, deterministic, mode)
+        block_args = (cfg.mlstm_block, cfg.num_blocks, remat, deterministic, mode, batch_sharding)
         if cfg.scan_blocks:
             stack = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                            in_axes=(nn.broadcast, 0), length=cfg.num_blocks)
+                            in_axes=(nn.broadcast, 0), length=cfg.num_blocks,
+                            metadata_params={nn.PARTITION_NAME: "layers"})
             x, new_state = stack(*block_args, name="blocks")(x, document_borders, state)
         else:
             states = []
@@ -136,6 +146,8 @@ class LMModel(nn.Module):
                 x, block_state = block_cls(*block_args, name=f"blocks_{idx}")(x, document_borders, block_state)
                 states.append(block_state)
             new_state = None if mode == "forward" else jax.tree_util.tree_map(lambda *a: jnp.stack(a), *states)
+        if batch_sharding is not None:
+            x = jax.lax.with_sharding_constraint(x, batch_sharding)
         if cfg.add_post_blocks_norm:
             x = make_norm(cfg.norm_type, cfg.norm_eps, dtype, name="out_norm")(x)
         head_dtype = jnp.dtype(cfg.lm_head_dtype)
@@ -143,7 +155,8 @@ class LMModel(nn.Module):
             logits = embed.attend(x.astype(head_dtype))
         else:
             logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=head_dtype, param_dtype=jnp.float32,
-                              kernel_init=initializer("small", cfg.init_distribution_out, D), name="lm_head")(x)
+                              kernel_init=partitioned(initializer("small", cfg.init_distribution_out, D), "embed", "vocab"),
+                              name="lm_head")(x)
         logits = logits.astype(jnp.float32)
         if cfg.logits_soft_cap is not None:
             logits = cfg.logits_soft_cap * jnp.tanh(logits / cfg.logits_soft_cap)

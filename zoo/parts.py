@@ -19,6 +19,11 @@ def initializer(fn: str, distribution: str, dim: int, num_blocks: int = 1) -> In
     return resolve("init", fn)(dim, num_blocks, resolve("distribution", distribution))
 
 
+def partitioned(init: Initializer, *names: str | None) -> Initializer:
+    """``init`` with logical axis names for its parameter (see ``zoo.sharding`` for the names)."""
+    return nn.with_logical_partitioning(init, names)
+
+
 def linspace_init(start: float, end: float) -> Initializer:
     """1-D init with ``linspace(start, end, n)`` (both ends included; n=1 gives [start])."""
 

@@ -82,6 +82,30 @@ def format_bytes(n: float) -> str:
     return f"{n:.1f} {units[i]}"
 
 
+def sharding_table(config: ModelConfig, sizes: tuple[int, ...]) -> Table:
+    """The mesh for ``sizes`` and what it does to the parameters: how many are split, bytes per device."""
+    from zoo.sharding import Placement, axis_names, bytes_per_device, param_placements
+
+    parallel = config.parallel
+    names = axis_names(parallel)
+    mesh = " × ".join(f"{n}={s}" for n, s in zip(names, sizes))
+    placements = jax.tree_util.tree_flatten_with_path(param_placements(config, sizes),
+                                                      is_leaf=lambda x: isinstance(x, Placement))[0]
+    table = Table(title=f"Parallel layout ({mesh}, {math.prod(sizes)} devices)", title_justify="left")
+    table.add_column("")
+    table.add_column("value", justify="right")
+    for axis in (parallel.fsdp_axis_name, parallel.model_axis_name):
+        split = sum(1 for _, p in placements if axis in str(p.spec))
+        table.add_row(f"parameters split over {axis}", f"{split} of {len(placements)}")
+    replicated = bytes_per_device(config, (1,) * len(sizes))
+    table.add_row("float32 parameter bytes per device", format_bytes(bytes_per_device(config, sizes)))
+    table.add_row("... if replicated", format_bytes(replicated))
+    for path, placement in placements:
+        if placement.note:
+            table.add_row(f"[dim]{jax.tree_util.keystr(path)}[/]", f"[dim]{placement.note}[/]")
+    return table
+
+
 def summary(config: ModelConfig, shapes: Any) -> Group:
     """All summary tables for ``config`` and its abstract parameter tree."""
     layer = config.layer

@@ -77,7 +77,11 @@ def _shard_files(src: Path) -> list[Path]:
     index = src / "model.safetensors.index.json"
     if index.is_file():
         weight_map = json.loads(index.read_text())["weight_map"]
-        return [src / name for name in sorted(set(weight_map.values()))]
+        files = [(src / name).resolve() for name in sorted(set(weight_map.values()))]
+        outside = [str(f) for f in files if not f.is_relative_to(src.resolve())]
+        if outside:
+            raise ConvertError(f"{index} names shard files outside {src}: {', '.join(outside)}; refusing them")
+        return files
     shards = sorted(src.glob("model_*.safetensors"), key=lambda p: int(p.stem.split("_")[-1])
                     if p.stem.split("_")[-1].isdigit() else p.stem)
     if not shards:

@@ -1,19 +1,23 @@
 """Orbax checkpoints holding params, the config JSON and a metadata JSON, one step per save.
 
 A save never touches earlier steps: Orbax writes each step into a temporary folder and renames
-it when complete, so a save killed midway leaves the last good step loadable. The metadata records
-a SHA-256 of the parameter bytes, checked on every load.
+it when complete, so a save killed midway leaves the last good step loadable; a save that fails
+(a full disk) removes its temporary folder and raises ``CheckpointError``. The metadata records
+SHA-256 hashes of the parameter bytes, of the config and of itself, all checked on every load.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import gc
 import hashlib
 import io
+import json
 import logging
 import math
 import os
+import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -26,7 +30,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from pydantic import ValidationError
 
-from zoo import registry
+from zoo import registry, sharding
 from zoo.config import ModelConfig
 
 
@@ -44,13 +48,25 @@ def _manager(root: Path, create: bool = False) -> ocp.CheckpointManager:
 
 
 def content_hash(params: Any) -> str:
-    """SHA-256 over every leaf's path, dtype, shape and bytes, in tree order."""
+    """SHA-256 over every leaf's path, dtype, shape and bytes, in tree order.
+
+    Arrays spread over several processes are gathered first (every process must call this).
+    """
+    from jax.experimental import multihost_utils
+
     digest = hashlib.sha256()
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+            leaf = multihost_utils.process_allgather(leaf, tiled=True)
         array = np.asarray(leaf)
         digest.update(f"{jax.tree_util.keystr(path)}|{array.dtype}|{array.shape}|".encode())
         digest.update(np.ascontiguousarray(array).tobytes())
     return digest.hexdigest()
+
+
+def json_hash(value: Any) -> str:
+    """SHA-256 of a JSON value, serialised with sorted keys."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def _metadata(config: ModelConfig, params: Any) -> dict[str, Any]:
@@ -74,6 +90,7 @@ def _metadata(config: ModelConfig, params: Any) -> dict[str, Any]:
         "param_dtypes": sorted({str(x.dtype) for x in leaves}),
         "dtype": config.dtype,
         "content_sha256": content_hash(params),
+        "config_sha256": json_hash(config.model_dump(mode="json")),
     }
 
 
@@ -99,13 +116,32 @@ def save(directory: str | os.PathLike, config: ModelConfig, params: Any,
     with _manager(root, create=True) as manager:
         latest = manager.latest_step()
         step = 0 if latest is None else latest + 1
-        manager.save(step, args=ocp.args.Composite(
-            params=ocp.args.StandardSave(params),
-            config=ocp.args.JsonSave(config.model_dump(mode="json")),
-            metadata=ocp.args.JsonSave({**_metadata(config, params), **(extra_metadata or {})}),
-        ))
-        manager.wait_until_finished()
+        metadata = {**_metadata(config, params), **(extra_metadata or {})}
+        metadata["metadata_sha256"] = json_hash(metadata)  # covers every other field
+        try:
+            with _failed_reads_silenced():
+                manager.save(step, args=ocp.args.Composite(
+                    params=ocp.args.StandardSave(params),
+                    config=ocp.args.JsonSave(config.model_dump(mode="json")),
+                    metadata=ocp.args.JsonSave(metadata),
+                ))
+                manager.wait_until_finished()
+        except Exception as exc:  # disk full, permissions, I/O errors: the earlier steps are untouched
+            shutil.rmtree(root / f"{step}.orbax-checkpoint-tmp", ignore_errors=True)
+            raise CheckpointError(f"saving step {step} to {root} failed, earlier steps are untouched: "
+                                  f"{_save_failure(exc)}") from None
     return root / str(step)
+
+
+def _save_failure(exc: BaseException) -> str:
+    """The reason a save failed, leading with "the disk is full" when it is."""
+    reason = _short(exc)
+    chain = [exc]
+    while chain[-1].__cause__ is not None or chain[-1].__context__ is not None:
+        chain.append(chain[-1].__cause__ or chain[-1].__context__)
+    if any(getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in str(e) for e in chain):
+        return f"the disk is full (No space left on device); {reason}"
+    return reason
 
 
 def _pick_step(manager: ocp.CheckpointManager, root: Path, step: int | None) -> int:
@@ -132,15 +168,23 @@ def _missing_plugins(metadata: dict[str, Any]) -> list[str]:
 
 @contextlib.contextmanager
 def _failed_reads_silenced() -> Iterator[None]:
-    """Keep the tracebacks of Orbax's background reads off stderr when a restore fails.
+    """Keep the tracebacks of Orbax's background reads and writes off stderr when a restore or save fails.
 
-    When one array fails to read, Orbax closes its event loop while the other reads are in
-    flight; their threads then print tracebacks. On failure this waits briefly for them and drops
-    what they printed; on success anything written to stderr is passed through.
+    When one array fails to read (or write), Orbax closes its event loop while the other reads are in
+    flight; their threads then print tracebacks, and Orbax logs each failed thread to the ``absl``
+    logger. On failure this waits briefly for them and drops what they printed and logged; on
+    success anything written to stderr or logged is passed through.
     """
     captured, original = io.StringIO(), sys.stderr
-    asyncio_log = logging.getLogger("asyncio")
+    asyncio_log, absl_log = logging.getLogger("asyncio"), logging.getLogger("absl")
+    held: list[logging.LogRecord] = []
+
+    def hold(record: logging.LogRecord) -> bool:
+        held.append(record)
+        return False
+
     sys.stderr = captured
+    absl_log.addFilter(hold)
     try:
         yield
     except Exception:
@@ -154,9 +198,13 @@ def _failed_reads_silenced() -> Iterator[None]:
             asyncio_log.setLevel(level)
             sys.unraisablehook = hook
             sys.stderr = original
+            absl_log.removeFilter(hold)
         raise
     sys.stderr = original
+    absl_log.removeFilter(hold)
     original.write(captured.getvalue())
+    for record in held:
+        absl_log.handle(record)
 
 
 def _short(exc: BaseException) -> str:
@@ -182,16 +230,29 @@ def _read_json(root: Path, step: int | None) -> tuple[int, dict[str, Any], dict[
                 config=ocp.args.JsonRestore(), metadata=ocp.args.JsonRestore()))
         except Exception as exc:  # any read failure means the step is damaged
             raise CheckpointError(f"step {step} of {root}: cannot read its config or metadata ({_short(exc)})") from None
-    return step, restored["config"], restored["metadata"]
+    config, metadata = restored["config"], restored["metadata"]
+    if not (isinstance(config, dict) and isinstance(metadata, dict)):
+        raise CheckpointError(f"step {step} of {root} is corrupted: its config or metadata is not a JSON object")
+    recorded = metadata.get("metadata_sha256")
+    if recorded is not None and recorded != json_hash({k: v for k, v in metadata.items() if k != "metadata_sha256"}):
+        raise CheckpointError(f"step {step} of {root} is corrupted: its metadata does not match the hash "
+                              f"recorded when it was saved")
+    if metadata.get("config_sha256") not in (None, json_hash(config)):
+        raise CheckpointError(f"step {step} of {root} is corrupted: its config does not match the config hash "
+                              f"recorded when it was saved")
+    return step, config, metadata
 
 
 def load(directory: str | os.PathLike, step: int | None = None, *, dtype: Any = None,
-         sharding: jax.sharding.Sharding | None = None) -> tuple[ModelConfig, Any]:
+         mesh: jax.sharding.Mesh | None = None,
+         parallel: dict[str, Any] | None = None) -> tuple[ModelConfig, Any]:
     """Restore ``(config, params)`` from the latest (or the given) step of a checkpoint directory.
 
     Params are restored into abstract targets built from the stored config (``jax.eval_shape``),
     in their saved dtypes, checked against the recorded content hash, then cast to ``dtype``
-    when given and placed on ``sharding`` when given.
+    when given. With a ``mesh`` each device reads only its own shards, laid out as the stored
+    ``parallel`` section (updated with ``parallel``, and with the mesh's axis sizes) asks; the
+    returned config carries that section. Any mesh works, whatever the checkpoint was saved on.
     """
     from zoo.api import param_shapes
 
@@ -205,13 +266,23 @@ def load(directory: str | os.PathLike, step: int | None = None, *, dtype: Any = 
             raise CheckpointError(f"{root} (step {step}) needs plugins that are not installed: "
                                   f"{'; '.join(missing)}") from None
         raise CheckpointError(f"{root} (step {step}) holds an invalid config: {exc}") from None
+    if mesh is None:  # one device, whatever the checkpoint was saved on
+        shardings = jax.tree_util.tree_map(lambda _: jax.sharding.SingleDeviceSharding(jax.local_devices()[0]),
+                                           param_shapes(config))
+    else:
+        mesh = sharding.auto_mesh(mesh)
+        config = sharding.with_mesh(config, mesh, parallel)
+        shardings = sharding.param_shardings(config, mesh)
+    shapes = jax.tree_util.tree_map(lambda shape, where: jax.ShapeDtypeStruct(shape.shape, shape.dtype,
+                                                                              sharding=where),
+                                    param_shapes(config), shardings)
     with _manager(root) as manager:
         try:
             with _failed_reads_silenced():
                 saved = manager.item_metadata(step)["params"].tree
                 target = jax.tree_util.tree_map(
-                    lambda shape, meta: jax.ShapeDtypeStruct(shape.shape, meta.dtype, sharding=sharding),
-                    param_shapes(config), saved)
+                    lambda shape, meta: jax.ShapeDtypeStruct(shape.shape, meta.dtype, sharding=shape.sharding),
+                    shapes, saved)
                 params = manager.restore(step, args=ocp.args.Composite(
                     params=ocp.args.StandardRestore(target)))["params"]
         except Exception as exc:  # structure mismatch, missing or unreadable array files

@@ -60,13 +60,21 @@ def _as_numpy(result: tuple[Any, Any], squeeze: bool = False) -> tuple[np.ndarra
     return (logits[:, 0] if squeeze else logits), result[1]
 
 
+def inside(root: Path, name: str) -> Path:
+    """``root / name`` when it stays inside ``root`` (no ``..``, absolute paths or links out); else ExportError."""
+    target = (root / name).resolve()
+    if not target.is_relative_to(root.resolve()):
+        raise ExportError(f"{root / 'manifest.json'} names {name!r}, outside the artifact directory; refusing it")
+    return target
+
+
 def _stablehlo(path: Path, manifest: dict[str, Any]) -> Artifact:
     import jax
     from jax import export
 
     if manifest["weights"] != "baked":
         raise ExportError(f"{path} was exported with --weights separate; zoo run needs baked weights")
-    exported = {name: jax.jit(export.deserialize((path / e["file"]).read_bytes()).call)
+    exported = {name: jax.jit(export.deserialize(inside(path, e["file"]).read_bytes()).call)
                 for name, e in manifest["entries"].items()}
     calls: dict[str, Any] = {"forward": exported.get("forward")}
     if "prefill" in exported:

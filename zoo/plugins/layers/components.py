@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -11,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from zoo.config import CellConfig
-from zoo.parts import Initializer
+from zoo.parts import Initializer, partitioned
 from zoo.registry import resolve
 
 
@@ -35,7 +36,8 @@ class LinearHeadwiseExpand(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         b = x.shape[-1] // self.num_blocks
-        kernel = self.param("kernel", self.kernel_init, (self.num_blocks, self.out_per_block, b), jnp.float32)
+        kernel = self.param("kernel", partitioned(self.kernel_init, "proj_blocks", None, None),
+                            (self.num_blocks, self.out_per_block, b), jnp.float32)
         xs = x.astype(self.dtype).reshape(*x.shape[:-1], self.num_blocks, b)
         y = jnp.einsum("...hi,hoi->...ho", xs, kernel.astype(self.dtype))
         y = y.reshape(*x.shape[:-1], self.num_blocks * self.out_per_block)
@@ -64,8 +66,9 @@ class CausalConv1d(nn.Module):
         def shifted(key, shape, dtype=jnp.float32):
             return init(key, shape, dtype) - bound
 
-        kernel = self.param("kernel", shifted, (K, 1, C), jnp.float32).astype(self.dtype)
-        bias = self.param("bias", shifted, (C,), jnp.float32).astype(self.dtype)
+        kernel = self.param("kernel", partitioned(shifted, None, None, "inner"), (K, 1, C), jnp.float32)
+        bias = self.param("bias", partitioned(shifted, "inner"), (C,), jnp.float32)
+        kernel, bias = kernel.astype(self.dtype), bias.astype(self.dtype)
         if state is None:
             state = jnp.zeros((x.shape[0], K - 1, C), jnp.float32)
         xp = jnp.concatenate([state.astype(self.dtype), x.astype(self.dtype)], axis=1)
@@ -119,8 +122,38 @@ def run_cell(cell: CellConfig, q: jax.Array, k: jax.Array, v: jax.Array, i: jax.
     backend = {"forward": cell.backend, "prefill": cell.prefill_backend, "step": cell.step_backend}[mode]
     fn = resolve("cell", backend.name)
     q, k, v, i, f = (jnp.swapaxes(a, 1, 2) for a in (q, k, v, i, f))  # to the cell's heads-first layout
-    if mode == "forward":
-        return jnp.swapaxes(fn(q, k, v, i, f, **backend.kwargs), 1, 2), None
+    B, NH, S, DQK = q.shape
+    expected = {"h": (B, NH, S, v.shape[-1]), "c": (B, NH, DQK, v.shape[-1]), "n": (B, NH, DQK), "m": (B, NH)}
     initial = {} if state is None else {"c_initial": state["c"], "n_initial": state["n"], "m_initial": state["m"]}
-    h, (c, n, m) = fn(q, k, v, i, f, return_last_states=True, **initial, **backend.kwargs)
-    return jnp.swapaxes(h, 1, 2), {"c": c, "n": n, "m": m}
+    try:
+        if mode == "forward":
+            out = {"h": fn(q, k, v, i, f, **backend.kwargs)}
+        else:
+            h, (c, n, m) = fn(q, k, v, i, f, return_last_states=True, **initial, **backend.kwargs)
+            out = {"h": h, "c": c, "n": n, "m": m}
+    except Exception as exc:
+        raise CellError(f"cell backend {backend.name!r} from {_origin(backend.name)} failed in {mode}: "
+                        f"{type(exc).__name__}: {exc}") from exc
+    if CHECK_CELL_SHAPES:  # shapes are static, so this costs tracing time only, never run time
+        wrong = {name: tuple(x.shape) for name, x in out.items() if tuple(x.shape) != expected[name]}
+        if wrong:
+            raise CellError(f"cell backend {backend.name!r} from {_origin(backend.name)} returned wrong shapes in "
+                            f"{mode}: " + ", ".join(f"{name} {shape}, expected {expected[name]}"
+                                                    for name, shape in wrong.items())
+                            + " (the cell contract is in zoo.plugins.cells; ZOO_CHECK_CELL_SHAPES=0 skips this check)")
+    h = jnp.swapaxes(out.pop("h"), 1, 2)
+    return h, (out or None)
+
+
+class CellError(RuntimeError):
+    """A cell backend plugin raised, or broke the cell contract (wrong output shapes); names the plugin."""
+
+
+CHECK_CELL_SHAPES = os.environ.get("ZOO_CHECK_CELL_SHAPES", "1").strip().lower() not in {"0", "false", "no"}
+"""Check every cell output's shape against the contract (``ZOO_CHECK_CELL_SHAPES=0`` turns it off)."""
+
+
+def _origin(name: str) -> str:
+    from zoo.registry import entry
+
+    return entry("cell", name).origin

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from zoo.config import LayerConfig
-from zoo.parts import gate_bias_init, initializer, make_norm
+from zoo.parts import gate_bias_init, initializer, make_norm, partitioned
 from zoo.plugins.layers.components import (
     CausalConv1d,
     GateProjection,
@@ -90,7 +90,8 @@ class MLSTMLayer(nn.Module):
         NH = cfg.num_heads
         dtype = jnp.dtype(cfg.dtype)
         small = initializer("small", cfg.init_distribution, D)
-        dense = partial(nn.Dense, use_bias=cfg.bias, dtype=dtype, param_dtype=jnp.float32, kernel_init=small)
+        dense = partial(nn.Dense, use_bias=cfg.bias, dtype=dtype, param_dtype=jnp.float32,
+                        kernel_init=partitioned(small, "embed", "inner"))  # column-parallel up-projections
         x_m = dense(sizes["inner_dim"], name="proj_up_mlstm")(x)
         z = dense(sizes["v_dim"], name="proj_up_z")(x)
         new_state = None if mode == "forward" else {}
@@ -108,7 +109,7 @@ class MLSTMLayer(nn.Module):
             qk_per_block = sizes["qk_dim"] // blocks
             if cfg.vmap_qk:
                 stacked = nn.vmap(LinearHeadwiseExpand, variable_axes={"params": 0}, split_rngs={"params": True},
-                                  in_axes=None, out_axes=0, axis_size=2)
+                                  in_axes=None, out_axes=0, axis_size=2, metadata_params={nn.PARTITION_NAME: None})
                 q, k = stacked(blocks, qk_per_block, cfg.bias, small, dtype, name="qk_proj")(x_a)
             else:
                 q = lhe(qk_per_block, name="q_proj")(x_a)
@@ -128,10 +129,11 @@ class MLSTMLayer(nn.Module):
             h = h.reshape(B, S, -1)
             skip = x_a if sizes["v_dim"] == sizes["inner_dim"] else lhe(
                 sizes["v_dim"] // blocks, name="x_mlstm_conv_scaling")(x_a)
-            learnable_skip = self.param("learnable_skip", nn.initializers.ones, (sizes["v_dim"],), jnp.float32)
+            learnable_skip = self.param("learnable_skip", partitioned(nn.initializers.ones, "inner"),
+                                        (sizes["v_dim"],), jnp.float32)
             y = (h + learnable_skip.astype(dtype) * skip) * nn.silu(z)
         out_init = initializer(cfg.output_init_fn, cfg.init_distribution, D, self.num_blocks)
-        y = dense(D, kernel_init=out_init, name="proj_down")(y)
+        y = dense(D, kernel_init=partitioned(out_init, "inner", "embed"), name="proj_down")(y)  # row-parallel
         return nn.Dropout(cfg.dropout)(y, deterministic=deterministic), new_state
 
 

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from zoo.config import LayerConfig
-from zoo.parts import gate_bias_init, initializer, make_norm
+from zoo.parts import gate_bias_init, initializer, make_norm, partitioned
 from zoo.plugins.layers.components import GateProjection, run_cell
 from zoo.registry import hookimpl
 
@@ -47,11 +47,12 @@ class MLSTMv1Layer(nn.Module):
         NH = cfg.num_heads
         dtype = jnp.dtype(cfg.dtype)
         small = initializer("small", cfg.init_distribution, D)
-        dense = partial(nn.Dense, use_bias=cfg.bias, dtype=dtype, param_dtype=jnp.float32, kernel_init=small)
+        dense = partial(nn.Dense, use_bias=cfg.bias, dtype=dtype, param_dtype=jnp.float32,
+                        kernel_init=partitioned(small, "embed", "inner"))  # column-parallel q, k, v, o
         q = dense(sizes["qk_dim"], name="dense_q")(x).reshape(B, S, NH, -1)
         k = dense(sizes["qk_dim"], name="dense_k")(x).reshape(B, S, NH, -1)
         v = dense(sizes["v_dim"], name="dense_v")(x).reshape(B, S, NH, -1)
-        o = dense(sizes["v_dim"], kernel_init=nn.initializers.zeros, name="dense_o")(x)
+        o = dense(sizes["v_dim"], kernel_init=partitioned(nn.initializers.zeros, "embed", "inner"), name="dense_o")(x)
         gate = partial(GateProjection, NH, False, dtype=jnp.dtype(cell.gate_dtype))
         i = gate(gate_bias_init(cell.igate_bias_init_range), name="igate")((x,))
         f = gate(gate_bias_init(cell.fgate_bias_init_range), name="fgate")((x,))
@@ -61,7 +62,7 @@ class MLSTMv1Layer(nn.Module):
         h, new_state = run_cell(cell, q, k, v, i, f, document_borders, mode, state)
         h = make_norm(cell.norm_type_v1, cell.norm_eps, dtype, 2, name="outnorm")(h).reshape(B, S, -1)
         out_init = initializer(cfg.output_init_fn, cfg.init_distribution, D, self.num_blocks)
-        y = dense(D, kernel_init=out_init, name="proj_down")(nn.sigmoid(o) * h)
+        y = dense(D, kernel_init=partitioned(out_init, "inner", "embed"), name="proj_down")(nn.sigmoid(o) * h)
         return nn.Dropout(cfg.dropout)(y, deterministic=deterministic), new_state
 
 

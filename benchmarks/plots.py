@@ -1,0 +1,109 @@
+"""PNG plots of ``bench.json``: time and memory vs S, throughput vs the matmul roofline, decode latency vs context."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def time_memory(kernel: dict[str, Any], path: Path) -> Path:
+    """Time (fwd, fwd+bwd) and planned peak memory vs S per backend, plus chunkwise memory at the 7B head shape."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
+    shape = kernel["sweep_shape"]
+    for backend in sorted({r["backend"] for r in kernel["sweep"]}):
+        rows = [r for r in kernel["sweep"] if r["backend"] == backend]
+        for key, style in (("fwd", "-o"), ("fwdbwd", "--s")):
+            pts = [(r["S"], r[key]["ms"]) for r in rows if r[key]["ms"] is not None]
+            if pts:
+                axes[0].plot(*zip(*pts), style, label=f"{backend} {key.replace('fwdbwd', 'fwd+bwd')}")
+            mem = [(r["S"], r[key]["memory"]["peak_bytes"] / 2**20) for r in rows if r[key]["memory"]]
+            if mem:
+                axes[1].plot(*zip(*mem), style, label=f"{backend} {key.replace('fwdbwd', 'fwd+bwd')}")
+    axes[0].set(title=f"time, zoo backends (B={shape['B']} NH={shape['NH']} DQK={shape['DQK']} DV={shape['DV']})",
+                xlabel="S", ylabel="ms (median)")
+    axes[1].set(title="planned peak memory (XLA memory_analysis)", xlabel="S", ylabel="MiB")
+    cmp_rows = kernel["compare"]
+    for name in cmp_rows[0]["median_s"]:
+        if name.startswith("matmul"):
+            continue
+        pts = [(r["S"], r["median_s"][name] * 1e3) for r in cmp_rows if name in r["median_s"]]
+        axes[2].plot(*zip(*pts), "-o", label=name)
+    mem = kernel["memory"]
+    ax2 = axes[2].twinx()
+    ax2.plot([r["S"] for r in mem], [r["peak_bytes"] / 2**30 for r in mem], ":k^", label="zoo fwd+bwd peak (GiB)")
+    ax2.set_ylabel("GiB (planned peak, chunkwise fwd+bwd)")
+    ax2.set_xscale("log", base=2)
+    ax2.set_yscale("log")
+    axes[2].set(title="7B head shape (B=1 NH=8 DQK=256 DV=512): zoo vs torch", xlabel="S", ylabel="ms (median)")
+    for ax in axes:
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    ax2.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def roofline(kernel: dict[str, Any], path: Path) -> Path:
+    """Forward GFLOP/s of zoo chunkwise and torch native_custbw vs the measured float32 matmul rate."""
+    plt = _pyplot()
+    rows = kernel["compare"]
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    S = [r["S"] for r in rows]
+    ax.plot(S, [r["zoo_fwd_gflops"] for r in rows], "-o", label="zoo chunkwise fwd")
+    ax.plot(S, [r["torch_fwd_gflops"] for r in rows], "-s", label="torch native_custbw fwd")
+    ax.plot(S, [r["matmul_gflops"] for r in rows], "k--", label="f32 matmul 2048³ (measured, same rounds)")
+    ax.plot(S, [0.6 * r["matmul_gflops"] for r in rows], "k:", label="60% of matmul rate (target)")
+    ax.plot(S, [r["per_head_matmul_gflops"] for r in rows], "g-.", label="per-head L×DQK×DV matmul (same rounds)")
+    ax.set(xscale="log", xlabel="S", ylabel="GFLOP/s", title="throughput vs the matmul roofline (7B head shape)")
+    ax.set_xscale("log", base=2)
+    ax.text(0.01, 0.01, kernel["flop_formula"], transform=ax.transAxes, fontsize=6.5)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def decode_latency(decode: dict[str, Any], path: Path) -> Path:
+    """Per-token decode latency vs context length (zoo), with the torch step API at the first context."""
+    plt = _pyplot()
+    lat = decode["latency_vs_context"]
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    ax.plot([x["context"] for x in lat], [x["zoo_ms_per_token"] for x in lat], "-o", label="zoo generate")
+    ax.plot([decode["context"]], [1e3 * decode["median_s_per_token"]["torch step"]], "rs",
+            label=f"torch step API (context {decode['context']})")
+    ax.set(xlabel="context (tokens)", ylabel="ms per token", title="decode latency vs context (B=1)")
+    ax.set_xscale("log", base=2)
+    ax.set_ylim(bottom=0)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_all(results: dict[str, Any], folder: Path) -> list[str]:
+    """Every plot whose data is in ``results``; returns the file names."""
+    written = []
+    if "kernel" in results:
+        written.append(time_memory(results["kernel"], folder / "time_memory_vs_S.png"))
+        written.append(roofline(results["kernel"], folder / "throughput_roofline.png"))
+    if "decode" in results:
+        written.append(decode_latency(results["decode"], folder / "decode_latency.png"))
+    return [p.name for p in written]

@@ -1,0 +1,101 @@
+"""The issue's targets, evaluated from the measured figures, and the met/missed table."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from benchmarks.common import fmt_bytes
+
+
+@dataclass
+class Target:
+    """One target row: ``ratio`` must be ≥ ``threshold`` (``at_least``) or ≤ it."""
+
+    name: str
+    ratio: float
+    threshold: float
+    at_least: bool
+    detail: str
+
+    @property
+    def met(self) -> bool:
+        """Whether the measured ratio reaches the threshold."""
+        return self.ratio >= self.threshold if self.at_least else self.ratio <= self.threshold
+
+
+def evaluate(results: dict[str, Any]) -> list[Target]:
+    """Every target whose section is in ``results``."""
+    rows: list[Target] = []
+    if "kernel" in results:
+        k = results["kernel"]
+        c = max(k["compare"], key=lambda r: r["S"])
+        m = c["median_s"]
+        shape = f"B={c['B']} NH={c['NH']} DQK={c['DQK']} DV={c['DV']} S={c['S']}, zoo L={c['zoo_chunk_size']}"
+        rows += [
+            Target("kernel fwd vs native_custbw", m["torch native_custbw fwd"] / m["zoo fwd"], 1.5, True,
+                   f"{shape}: {m['zoo fwd'] * 1e3:.0f} vs {m['torch native_custbw fwd'] * 1e3:.0f} ms; torch threads "
+                   f"{c['torch_threads_chosen']}"),
+            Target("kernel fwd+bwd vs native_custbw", m["torch native_custbw fwd+bwd"] / m["zoo fwd+bwd"], 2.0, True,
+                   f"{m['zoo fwd+bwd'] * 1e3:.0f} vs {m['torch native_custbw fwd+bwd'] * 1e3:.0f} ms"),
+            Target("kernel fwd+bwd vs native_autograd", m["torch native_autograd fwd+bwd"] / m["zoo fwd+bwd"], 3.0,
+                   True, f"{m['zoo fwd+bwd'] * 1e3:.0f} vs {m['torch native_autograd fwd+bwd'] * 1e3:.0f} ms"),
+            Target("kernel fwd throughput / matmul rate", c["zoo_fwd_gflops"] / c["matmul_gflops"], 0.6, True,
+                   f"{c['zoo_fwd_gflops']:.0f} of {c['matmul_gflops']:.0f} GFLOP/s (2048³ f32 matmul, same run); "
+                   f"per-head {c['per_head_matmul']}: {c['per_head_matmul_gflops']:.0f} GFLOP/s"),
+        ]
+        mem = [r for r in k["memory"] if "marginal_bytes_per_token" in r]
+        if len(mem) >= 2:
+            marg = [r["marginal_bytes_per_token"] for r in mem]
+            rows.append(Target("chunkwise fwd+bwd memory linear in S (max/min bytes per token)",
+                               max(marg) / min(marg), 1.2, False,
+                               f"{fmt_bytes(marg[-1])}/token at S {mem[0]['S']}..{mem[-1]['S']} "
+                               f"(peak {fmt_bytes(mem[-1]['peak_bytes'])})"))
+    if "model" in results:
+        p = results["model"]
+        tps = p["tokens_per_s"]
+        rows.append(Target("prefill tokens/s vs torch xlstm_large", tps["zoo prefill"] /
+                           tps["torch xlstm_large prefill"], 1.5, True,
+                           f"{p['preset']} B={p['B']} S={p['S']} {p['dtype']}: {tps['zoo prefill']:.0f} vs "
+                           f"{tps['torch xlstm_large prefill']:.0f} tok/s"))
+    if "decode" in results:
+        d = results["decode"]
+        tps = d["tokens_per_s"]
+        rows.append(Target("decode tokens/s vs torch step API", tps["zoo generate"] / tps["torch step"], 2.0, True,
+                           f"context {d['context']}: {tps['zoo generate']:.1f} vs {tps['torch step']:.1f} tok/s"))
+        lat = d["latency_vs_context"]
+        rows.append(Target("decode latency flat (last/first context)",
+                           lat[-1]["zoo_ms_per_token"] / lat[0]["zoo_ms_per_token"], 1.2, False,
+                           ", ".join(f"{x['context']}: {x['zoo_ms_per_token']:.1f} ms" for x in lat)))
+    if "compile" in results:
+        c = results["compile"]["scan_blocks=True"]
+        small, big = c["mlstm_v1-165m"], c["mlstm_v1-1.3b"]
+        rows.append(Target("compile forward 1.3B / 165M (scan_blocks)", big["forward_s"] / small["forward_s"], 2.0,
+                           False, f"{big['forward_s']:.1f} vs {small['forward_s']:.1f} s (init: {big['init_s']:.1f} "
+                                  f"vs {small['init_s']:.1f} s)"))
+    if "export" in results and results["export"]:
+        targets = results["export"]["meta"]["targets"]
+        for r in results["export"]["results"]:
+            if r["format"] != "jax":
+                rows.append(Target(f"export {r['format']} time / jitted JAX", r["ratio"], targets[r["format"]], False,
+                                   f"B={r['B']} S={r['S']}: {r['median_ms']:.1f} vs {r['jax_median_ms']:.1f} ms"))
+    return rows
+
+
+def as_json(rows: list[Target]) -> list[dict[str, Any]]:
+    """Rows as plain dicts for ``bench.json``."""
+    return [{**asdict(r), "met": r.met} for r in rows]
+
+
+def print_table(rows: list[Target], title: str) -> None:
+    """The rich table of targets, each marked met or missed with its measured ratio."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for h in ("target", "measured", "needed", "status", "evidence"):
+        table.add_column(h, justify="right" if h in ("measured", "needed") else "left")
+    for r in rows:
+        status = "[green]met[/green]" if r.met else "[red]missed[/red]"
+        table.add_row(r.name, f"{r.ratio:.2f}", ("≥ " if r.at_least else "≤ ") + f"{r.threshold:g}", status, r.detail)
+    Console(width=200).print(table)
