@@ -32,13 +32,13 @@ LR = 1e-3
 
 
 def model_config(layer_type: str) -> dict:
-    """A float32 two-block model; ``mlstm`` runs its blocks under ``nn.scan``, ``mlstm_v1`` unrolled with an FFN."""
+    """A float32 model; ``mlstm``: two blocks under ``nn.scan``; ``mlstm_v1``: one block (unrolled) with an FFN."""
     layer = {"layer_type": layer_type, "num_heads": 4}
     block = {"mlstm": layer}
     if layer_type == "mlstm_v1":
         layer["qk_dim_factor"] = 0.5
         block["feedforward"] = {}
-    return {"vocab_size": 128, "embedding_dim": 32, "num_blocks": 2, "dtype": "float32",
+    return {"vocab_size": 128, "embedding_dim": 32, "num_blocks": 2 if layer_type == "mlstm" else 1, "dtype": "float32",
             "scan_blocks": layer_type == "mlstm", "mlstm_block": block}
 
 
