@@ -51,9 +51,13 @@ def time_memory(kernel: dict[str, Any], path: Path) -> Path:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
     ax2.legend(fontsize=7, loc="lower right")
+    return _save(fig, path)
+
+
+def _save(fig: Any, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _pyplot().close(fig)
     return path
 
 
@@ -73,10 +77,7 @@ def roofline(kernel: dict[str, Any], path: Path) -> Path:
     ax.text(0.01, 0.01, kernel["flop_formula"], transform=ax.transAxes, fontsize=6.5)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def decode_latency(decode: dict[str, Any], path: Path) -> Path:
@@ -92,10 +93,7 @@ def decode_latency(decode: dict[str, Any], path: Path) -> Path:
     ax.set_ylim(bottom=0)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def write_all(results: dict[str, Any], folder: Path) -> list[str]:
