@@ -13,7 +13,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
 from zoo import presets, sharding
 from zoo.config import ModelConfig
@@ -113,12 +113,7 @@ def _compiled(config_json: str, mode: str, mesh: Mesh | None):
 def _run(config: ModelConfig, mode: str, params: Params, tokens: jax.Array, document_borders: jax.Array | None,
          state: Any):
     """Run ``mode`` on the mesh the params live on, with the batch split over dp × fsdp."""
-    mesh = sharding.mesh_of(params)
-    if mesh is not None:
-        sharding.check_batch(config, mesh, tokens.shape[0])
-        batch = NamedSharding(mesh, sharding.batch_spec(config))
-        tokens = jax.device_put(tokens, batch)
-        document_borders = None if document_borders is None else jax.device_put(document_borders, batch)
+    mesh, (tokens, document_borders) = sharding.place_batch(config, params, tokens, document_borders)
     return _compiled(config.model_dump_json(), mode, mesh)(params, tokens, document_borders, state)
 
 

@@ -233,6 +233,16 @@ def check_batch(config: ModelConfig, mesh: Mesh, batch_size: int) -> None:
         raise ShardingError(f"batch size {batch_size} must be a multiple of dp × fsdp = {ways} on this mesh")
 
 
+def place_batch(config: ModelConfig, params: Any, *arrays: jax.Array | None) -> tuple[Mesh | None, tuple]:
+    """The mesh ``params`` live on, and ``arrays`` (batch first; None passes) split over dp × fsdp on it."""
+    mesh = mesh_of(params)
+    if mesh is None:
+        return None, arrays
+    check_batch(config, mesh, arrays[0].shape[0])
+    batch = NamedSharding(mesh, batch_spec(config))
+    return mesh, tuple(None if a is None else jax.device_put(a, batch) for a in arrays)
+
+
 def mesh_of(tree: Any) -> Mesh | None:
     """The mesh the arrays of ``tree`` are laid out on, or None when they live on one device."""
     for leaf in jax.tree_util.tree_leaves(tree):

@@ -86,11 +86,7 @@ def init_state(config: ModelConfig, params: Params, optimizer: optax.GradientTra
 
 
 def _prepare(config: ModelConfig, state: TrainState, tokens: Any) -> tuple[Mesh | None, jax.Array]:
-    tokens = jnp.asarray(tokens, jnp.int32)
-    mesh = sharding.mesh_of(state.params)
-    if mesh is not None:
-        sharding.check_batch(config, mesh, tokens.shape[0])
-        tokens = jax.device_put(tokens, NamedSharding(mesh, sharding.batch_spec(config)))
+    mesh, (tokens,) = sharding.place_batch(config, state.params, jnp.asarray(tokens, jnp.int32))
     return mesh, tokens
 
 
