@@ -22,6 +22,7 @@ $(VENV)/.installed-test: pyproject.toml $(addsuffix /pyproject.toml,$(EXAMPLES))
 
 demo: $(VENV)/.installed
 	$(BIN)/zoo validate configs/demo.json
+	rm -rf checkpoints/demo
 	$(BIN)/zoo build configs/demo.json --out checkpoints/demo
 	$(BIN)/zoo generate checkpoints/demo --prompt-ids 1,2,3,4 --max-new-tokens 12
 	rm -rf artifacts/demo-stablehlo artifacts/demo-savedmodel

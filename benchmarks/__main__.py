@@ -18,7 +18,7 @@ SECTIONS = ("kernel", "model", "decode", "compile", "export")
 def _export(quick: bool) -> dict[str, Any]:
     from benchmarks import export
 
-    formats = "stablehlo-separate" if quick else "stablehlo-separate,savedmodel"
+    formats = "stablehlo-file" if quick else "stablehlo-file,savedmodel"
     preset, seq, repeats = ("tiny", "64", "2") if quick else ("mlstm-120m", "256", "3")
     with tempfile.TemporaryDirectory() as tmp:
         return export.main(["--preset", preset, "--batches", "1", "--seq-len", seq, "--repeats", repeats,

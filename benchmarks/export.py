@@ -4,7 +4,7 @@ Usage (defaults shown)::
 
     TF_CPP_MIN_LOG_LEVEL=2 TF_ENABLE_ONEDNN_OPTS=0 python benchmarks/export.py --preset mlstm-120m \
         --dtype float32 --batches 1,8 --seq-len 512 --repeats 5 --warmup 1 \
-        --formats stablehlo-separate,stablehlo-baked,savedmodel --out benchmarks/results/export.json
+        --formats stablehlo-file,stablehlo-baked,savedmodel --out benchmarks/results/export.json
 
 The model has the ``--preset``'s shape with every compute dtype (model, layer, cell, LM head, and
 ``parallel.fsdp_gather_dtype``, which a single device does not use) set to ``--dtype``; params are
@@ -13,13 +13,14 @@ The model has the ``--preset``'s shape with every compute dtype (model, layer, c
 
 * ``jax`` (baseline): ``zoo.forward(cfg, params, tokens)``, the cached ``jax.jit`` function with params as
   arguments, timed with ``jax.block_until_ready``;
-* ``stablehlo-separate``: ``export_stablehlo(..., weights="separate")``, loaded with ``jax.export.deserialize``
-  and called as ``jax.jit(exported.call)(params, tokens)``;
+* ``stablehlo-file``: ``export_stablehlo(...)`` with its default ``weights="file"``, loaded as the README shows
+  (``jax.export.deserialize``; the weights from ``weights.npz``, put on the device once) and called as
+  ``jax.jit(exported.call)(weights, tokens)``;
 * ``stablehlo-baked``: ``weights="baked"`` (params inlined as constants), called as
   ``jax.jit(exported.call)(tokens)``.  For mlstm-120m float32 this export took ~20 s and ~4.7 GiB peak process
-  RSS on a 2-core machine, writing a 480 MB ``forward.jax_exported`` and a 960 MB ``forward.mlir``, so it is
-  benchmarked. It is dropped (the reason is recorded in the JSON) when its export exceeds
-  ``--baked-max-export-s`` (120) or grows the process RSS by more than ``--baked-max-gib`` (8);
+  RSS on a 2-core machine, writing a 480 MB ``forward.jax_exported`` (and, before ``.mlir`` became opt-in, a
+  960 MB ``forward.mlir``), so it is benchmarked. It is dropped (the reason is recorded in the JSON) when its
+  export exceeds ``--baked-max-export-s`` (120) or grows the process RSS by more than ``--baked-max-gib`` (8);
 * ``savedmodel``: ``export_savedmodel(...)``, loaded with ``tf.saved_model.load`` in this same process (TF and
   JAX coexist; each runs its own XLA CPU runtime) and called as
   ``signatures["serving_default"](tokens=<tf.constant made before timing>)["logits"].numpy()``.
@@ -28,11 +29,24 @@ For every batch size B (sequence length ``--seq-len``) each runner is first call
 for the shape; the first call's time is reported as "1st call s"), and the warm-up outputs are compared with
 JAX's: ``max |out - jax| / max |jax|`` must be below ``--tol`` or the row is flagged and the script exits 1, so a
 wrong computation can't be timed silently. Then ``--repeats`` rounds call the runners round-robin (jax,
-stablehlo-separate, stablehlo-baked, savedmodel, jax, ...), so load from other processes on the machine hits all
+stablehlo-file, stablehlo-baked, savedmodel, jax, ...), so load from other processes on the machine hits all
 of them alike; the ratio is median(artifact) / median(jax) over the same rounds. Targets: StableHLO <= 1.05x,
 SavedModel <= 1.3x the JAX time.
 
 On 2 CPU cores a float32 mlstm-120m forward at B=8, S=512 takes ~25 s, so the default run takes ~13 minutes.
+
+``--footprint`` measures only what the default ``zoo export`` costs: a fresh interpreter builds ``--preset`` as
+``zoo build`` does (``zoo.init_params(cfg, 0)``, the preset's own dtypes) and calls
+``export_stablehlo(cfg, params, DIR)`` with every default (entries forward, prefill, step; platforms cpu, cuda,
+tpu; default weights). It records the bytes written per file, the export time, the process's peak RSS
+(``ru_maxrss``) after init, and the export's own peak (``VmHWM``, the high-water mark reset after init through
+``/proc/self/clear_refs``), under
+``default_export_footprint[--label]`` in ``--out`` (the
+rest of the file is kept, and a full run keeps this section). ``--zoo-path DIR`` imports ``zoo`` from another
+tree, e.g. the code before a change::
+
+    python benchmarks/export.py --footprint --zoo-path /tmp/zoo-base --label before
+    python benchmarks/export.py --footprint --label after
 """
 
 from __future__ import annotations
@@ -56,8 +70,8 @@ import numpy as np
 import zoo
 
 GIB = 1024**3
-FORMATS = ("stablehlo-separate", "stablehlo-baked", "savedmodel")
-TARGETS = {"stablehlo-separate": 1.05, "stablehlo-baked": 1.05, "savedmodel": 1.3}
+FORMATS = ("stablehlo-file", "stablehlo-baked", "savedmodel")
+TARGETS = {"stablehlo-file": 1.05, "stablehlo-baked": 1.05, "savedmodel": 1.3}
 
 
 def parse_args(argv=None):
@@ -77,6 +91,10 @@ def parse_args(argv=None):
     p.add_argument("--baked-max-gib", type=float, default=8.0,
                    help="drop stablehlo-baked when its export grows the process RSS by more than this")
     p.add_argument("--out", default="benchmarks/results/export.json")
+    p.add_argument("--footprint", action="store_true",
+                   help="only measure disk size and peak RSS of the default StableHLO export of --preset")
+    p.add_argument("--zoo-path", default=None, help="with --footprint: import zoo from this source tree")
+    p.add_argument("--label", default="after", help="with --footprint: the key of this measurement")
     return p.parse_args(argv)
 
 
@@ -164,8 +182,12 @@ def export_all(cfg, params, formats, root, args):
         if name.startswith("stablehlo"):
             exported = jax.export.deserialize((out_dir / "forward.jax_exported").read_bytes())
             call = jax.jit(exported.call)
-            if name == "stablehlo-separate":
-                runners[name] = lambda tok, call=call: jax.block_until_ready(call(params, tok["jax"]))
+            if name == "stablehlo-file":
+                manifest = json.loads((out_dir / "manifest.json").read_text())
+                with np.load(out_dir / "weights.npz") as npz:
+                    weights = jax.device_put({p["name"]: npz[p["name"]].view(p["dtype"])
+                                              for p in manifest["weights_file"]["params"]})
+                runners[name] = lambda tok, call=call, w=weights: jax.block_until_ready(call(w, tok["jax"]))
             else:
                 runners[name] = lambda tok, call=call: jax.block_until_ready(call(tok["jax"]))
         else:
@@ -177,6 +199,62 @@ def export_all(cfg, params, formats, root, args):
         rec["load_s"] = round(time.perf_counter() - t0, 2)
         info[name] = rec
     return runners, info
+
+
+FOOTPRINT = r"""
+import json, resource, sys, time
+from pathlib import Path
+
+import jax
+import zoo
+from zoo.export.stablehlo import export_stablehlo
+
+preset, out = sys.argv[1:3]
+peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+# VmHWM: the address space's RSS high-water mark, which writing 5 to clear_refs resets to the current RSS.
+# (ru_maxrss also keeps the marks of exited threads, so a reset does not always show there.)
+hwm = lambda: int(Path("/proc/self/status").read_text().split("VmHWM:")[1].split()[0]) * 1024
+cfg = zoo.load_config(preset)
+params = jax.block_until_ready(zoo.init_params(cfg, 0))
+after_init = peak()
+Path("/proc/self/clear_refs").write_text("5")
+at_start = hwm()
+t0 = time.perf_counter()
+export_stablehlo(cfg, params, out)
+export_s = time.perf_counter() - t0
+during = hwm()
+files = {str(p.relative_to(out)): p.stat().st_size for p in sorted(Path(out).rglob("*")) if p.is_file()}
+print(json.dumps({"zoo_file": zoo.__file__, "param_count": zoo.param_count(cfg), "export_s": round(export_s, 1),
+                  "peak_rss_after_init_bytes": after_init, "rss_at_export_start_bytes": at_start,
+                  "peak_rss_during_export_bytes": during, "peak_rss_bytes": max(after_init, during, peak()),
+                  "artifact_bytes": sum(files.values()), "files": files}))
+"""
+
+
+def footprint(preset, zoo_path=None):
+    """Disk size and peak RSS of ``export_stablehlo(cfg, params, DIR)`` with every default, in a fresh process."""
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    if zoo_path:
+        env["PYTHONPATH"] = str(Path(zoo_path).resolve())
+    with tempfile.TemporaryDirectory(prefix="zoo-export-footprint-") as root:
+        proc = subprocess.run([sys.executable, "-c", FOOTPRINT, preset, str(Path(root) / "artifact")], env=env,
+                              cwd=root, capture_output=True, text=True)  # cwd: `-c` puts it first on sys.path
+    if proc.returncode != 0:
+        sys.exit(f"footprint run failed:\n{proc.stderr[-3000:]}")
+    record = json.loads(proc.stdout.strip().splitlines()[-1])
+    record["export_rss_growth_bytes"] = record["peak_rss_during_export_bytes"] - record["rss_at_export_start_bytes"]
+    record.update(preset=preset, date=_dt.datetime.now().isoformat(timespec="seconds"),
+                  method="fresh interpreter: zoo.init_params(load_config(preset), 0), then export_stablehlo with "
+                         "every default; process peak RSS = resource.getrusage(RUSAGE_SELF).ru_maxrss; the export's "
+                         "own peak = VmHWM of /proc/self/status, reset after init (5 > /proc/self/clear_refs)")
+    print(f"{preset} default stablehlo export: {record['artifact_bytes'] / 1e9:.2f} GB on disk; RSS "
+          f"{record['rss_at_export_start_bytes'] / GIB:.2f} GiB at its start, peak "
+          f"{record['peak_rss_during_export_bytes'] / GIB:.2f} GiB during it; process peak "
+          f"{record['peak_rss_bytes'] / GIB:.2f} GiB ({record['peak_rss_after_init_bytes'] / GIB:.2f} GiB after init); "
+          f"{record['export_s']:.0f} s; zoo from {record['zoo_file']}", flush=True)
+    return record
 
 
 def rel_err(out, ref):
@@ -321,6 +399,15 @@ def mem_total_bytes():
 def main(argv=None):
     t_start = time.perf_counter()
     args = parse_args(argv)
+    out = Path(args.out)
+    previous = json.loads(out.read_text()) if out.exists() else {}
+    if args.footprint:
+        kept = previous.get("default_export_footprint", {})
+        previous["default_export_footprint"] = {**kept, args.label: footprint(args.preset, args.zoo_path)}
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(previous, indent=2) + "\n")
+        print(f"wrote {out}")
+        return previous
     batches = [int(b) for b in args.batches.split(",") if b.strip()]
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     unknown = [f for f in formats if f not in FORMATS]
@@ -363,9 +450,10 @@ def main(argv=None):
 
     print_table(rows, info, meta)
     print(f"total {meta['total_s']:.0f} s")
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     result = {"meta": meta, "exports": info, "results": rows}
+    if "default_export_footprint" in previous:
+        result["default_export_footprint"] = previous["default_export_footprint"]
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
     wrong = [f"{r['format']} B={r['B']}" for r in rows if r.get("correct") is False]

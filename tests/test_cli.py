@@ -117,12 +117,12 @@ def test_build_saves_a_loadable_checkpoint_and_adds_steps(tmp_path):
     proc = run_zoo("build", "tiny", "--out", "ck", "--seed", "3", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     for text in ("Resolved plugins", "parallel_stabilized", "Derived sizes", "inner_dim", "Parameters",
-                 f"{zoo.param_count(zoo.load_config('tiny')):,}"):
+                 "93,136"):  # tiny's parameter count, worked out by hand in tests/test_presets.py
         assert text in proc.stdout
     config, params = zoo.load(tmp_path / "ck")
     assert config == zoo.load_config("tiny")
     meta = read_metadata(tmp_path / "ck")
-    assert meta["param_count"] == zoo.param_count(config)
+    assert meta["param_count"] == sum(np.size(x) for x in jax.tree_util.tree_leaves(params)) == 93_136
     assert meta["plugins"]["cell"]["parallel_stabilized"] == {
         "plugin": "zoo.plugins.cells.parallel", "dist": "xlstm-zoo", "version": zoo.__version__}
     assert meta["plugins"]["layer"].keys() == {"mlstm"} and meta["jax_version"] == jax.__version__

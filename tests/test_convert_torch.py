@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import ml_dtypes
 import numpy as np
 import pytest
 import yaml
@@ -149,35 +150,175 @@ def test_decoding_matches_the_pytorch_step_api(tmp_path):
         assert float(np.abs(np.asarray(step_logits) - expected).max()) <= 1e-4 * float(np.abs(expected).max())
 
 
-def test_zoo_to_torch_to_zoo_is_bitwise_and_loads_in_pytorch(tmp_path):
-    config = zoo.load_config({"vocab_size": 97, "embedding_dim": 32, "num_blocks": 2, "dtype": "float32",
-                              "norm_type": "rmsnorm", "logits_soft_cap": 30.0,
-                              "mlstm_block": {"mlstm": {"layer_type": "mlstm_v1", "num_heads": 2,
-                                                        "qk_dim_factor": 0.5, "mlstm_cell": {"gate_soft_cap": 15.0}},
-                                              "feedforward": {"act_fn": "swish", "proj_factor": 2.0}}})
-    import helpers
+V1 = {"vocab_size": 97, "embedding_dim": 32, "num_blocks": 2, "dtype": "float32", "norm_type": "rmsnorm",
+      "logits_soft_cap": 30.0, "mlstm_block": {"mlstm": {"layer_type": "mlstm_v1", "num_heads": 2, "qk_dim_factor": 0.5,
+                                                         "mlstm_cell": {"gate_soft_cap": 15.0}},
+                                               "feedforward": {"act_fn": "swish", "proj_factor": 2.0}}}
 
-    params = helpers.perturbed(zoo.init_params(config), 7, 0.2)
+
+def v1_config(scan_blocks=False, tie_weights=False, dtype="float32"):
+    return zoo.load_config({**V1, "scan_blocks": scan_blocks, "tie_weights": tie_weights, "dtype": dtype})
+
+
+@pytest.fixture(scope="module")
+def v1_reference():
+    """Per-block float32 params whose values bfloat16 holds exactly, and the zoo's logits untied and tied."""
+    from zoo.api import param_shapes
+
+    rng = np.random.default_rng(7)
+    config = v1_config()
+    flat = {path: (float(path[-1] == "scale") + 0.2 * rng.standard_normal(leaf.shape)).astype(np.float32)
+            for path, leaf in flat_tree(param_shapes(config)).items()}
+    flat = {path: np.asarray(x.astype(ml_dtypes.bfloat16), np.float32) for path, x in flat.items()}
+    untied = unflatten(flat)
+    tied = unflatten({p: x for p, x in flat.items() if p[0] != "lm_head"})
+    logits = {tie: np.asarray(zoo.forward(v1_config(tie_weights=tie), params, TOKENS.astype(np.int32)))
+              for tie, params in ((False, untied), (True, tied))}
+    scanned = v1_config(scan_blocks=True)  # the zoo's own scan agrees with the stacking of layout() below
+    np.testing.assert_allclose(zoo.forward(scanned, layout(flat, scanned, np.float32), TOKENS.astype(np.int32)),
+                               logits[False], rtol=0, atol=1e-5 * float(np.abs(logits[False]).max()))
+    return flat, logits
+
+
+def flat_tree(tree):
+    import jax
+
+    return {tuple(k.key for k in path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def unflatten(flat):
+    tree = {}
+    for path, value in flat.items():
+        node = tree
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    return tree
+
+
+def layout(flat, config, param_dtype):
+    """The reference params in ``config``'s layout (scanned blocks stacked, a tied head dropped) and dtype."""
+    out = {p: x for p, x in flat.items() if not (config.tie_weights and p[0] == "lm_head")}
+    if config.scan_blocks:
+        blocks = {p[1:] for p in out if p[0].startswith("blocks_")}
+        out = {p: x for p, x in out.items() if not p[0].startswith("blocks_")} | {
+            ("blocks", *p): np.stack([flat[(f"blocks_{i}", *p)] for i in range(config.num_blocks)]) for p in blocks}
+    return unflatten({p: x.astype(param_dtype) for p, x in out.items()})
+
+
+# scanned or not x tied or not x param dtype (pairwise), with both compute dtypes
+LAYOUTS = {"plain-f32": (False, False, "float32", "float32"), "scan-bf16": (True, False, "bfloat16", "bfloat16"),
+           "tied-f32params-bf16compute": (False, True, "bfloat16", "float32"),
+           "scan-tied-bf16params": (True, True, "float32", "bfloat16")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(LAYOUTS))
+def test_zoo_to_torch_to_zoo_is_bitwise_and_loads_in_pytorch_for_every_layout(tmp_path, v1_reference, name):
+    scan, tie, dtype, param_dtype = LAYOUTS[name]
+    flat, logits = v1_reference
+    config = v1_config(scan, tie, dtype)
+    params = layout(flat, config, getattr(ml_dtypes, param_dtype, np.float32))
     zoo.save(tmp_path / "ck", config, params)
-    to_torch(tmp_path / "ck", tmp_path / "torch")
+    zoo.save(tmp_path / "ck", config, jax_tree_map(lambda x: x * 0, params))  # a later step that must not be picked
+    report = to_torch(tmp_path / "ck", tmp_path / "torch", step=0)
+    assert report.source == f"step 0 of {tmp_path / 'ck'} (steps 0-1)"
+    written = load_numpy(str(tmp_path / "torch" / "model.safetensors"))
+    assert {str(x.dtype) for x in written.values()} == {param_dtype}
+    assert ("lm_head.weight" in written) and report.tensors == len(written) == 33
     model = load_from_pretrained(tmp_path / "torch", chunkwise_kernel_name=NATIVE["chunkwise_kernel"],
                                  sequence_kernel_name=NATIVE["sequence_kernel"], step_kernel_name="native",
                                  backend_mode="inference", return_last_states=True).eval()
-    expected = np.asarray(zoo.forward(config, params, TOKENS.astype(np.int32)))
+    expected = logits[tie]
     got = torch_logits(model, TOKENS)
     assert float(np.abs(got - expected).max()) <= 1e-4 * float(np.abs(expected).max())
-    from_torch(tmp_path / "torch", tmp_path / "back")
+    from_torch(tmp_path / "torch", tmp_path / "back", scan_blocks=scan)
     config_back, params_back = zoo.load(tmp_path / "back")
-    for x, y in zip(jax_leaves(params), jax_leaves(params_back)):
-        np.testing.assert_array_equal(x, y)
+    # xlstm_large has no tying: the head comes back as a separate copy of the embedding
+    assert (config_back.scan_blocks, config_back.tie_weights, config_back.dtype) == (
+        scan, False, "bfloat16" if param_dtype == "bfloat16" else "float32")
+    back = flat_tree(params_back)
+    np.testing.assert_array_equal(back.pop(("lm_head", "kernel")), flat[("token_embedding", "embedding")].T
+                                  if tie else flat[("lm_head", "kernel")])
+    original = flat_tree(params)
+    original.pop(("lm_head", "kernel"), None)
+    assert back.keys() == original.keys()
+    for path, value in original.items():
+        assert back[path].dtype == np.float32  # params are stored in float32, bfloat16 widens exactly
+        np.testing.assert_array_equal(back[path], np.asarray(value, np.float32), err_msg=str(path))
     assert config_back.derived_sizes() == config.derived_sizes()
 
 
-def test_to_torch_refuses_what_xlstm_large_cannot_hold(tmp_path):
-    config = zoo.load_config("tiny")  # layer_type mlstm
-    zoo.save(tmp_path / "ck", config, zoo.init_params(config))
-    with pytest.raises(ConvertError, match="mlstm_block.mlstm.layer_type='mlstm' cannot be represented"):
+def jax_tree_map(fn, tree):
+    import jax
+
+    return jax.tree_util.tree_map(fn, tree)
+
+
+def zeros(config):
+    from zoo.api import param_shapes
+
+    return jax_tree_map(lambda leaf: np.zeros(leaf.shape, np.float32), param_shapes(config))
+
+
+QK_NORM = {**V1, "mlstm_block": {**V1["mlstm_block"], "mlstm": {
+    **V1["mlstm_block"]["mlstm"], "mlstm_cell": {"gate_soft_cap": 15.0, "add_qk_norm": True}}}}
+
+
+@pytest.mark.parametrize("source,message", [
+    ("tiny", "mlstm_block.mlstm.layer_type='mlstm' cannot be represented: to-torch writes xlstm_large, which holds "
+             "mlstm_v1 models only"),
+    (QK_NORM, "mlstm_block.mlstm.mlstm_cell.add_qk_norm=True cannot be represented: xlstm_large needs False")],
+    ids=["mlstm", "qk-norm"])
+def test_to_torch_refuses_what_xlstm_large_cannot_hold(tmp_path, source, message):
+    config = zoo.load_config(source)
+    zoo.save(tmp_path / "ck", config, zeros(config))
+    with pytest.raises(ConvertError) as info:
         to_torch(tmp_path / "ck", tmp_path / "out")
+    assert message in str(info.value)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """One folder of each kind a user might pass to the wrong command."""
+    root = tmp_path_factory.mktemp("kinds")
+    zoo.save(root / "ck", v1_config(), zeros(v1_config()))
+    (root / "artifact").mkdir()
+    (root / "artifact" / "manifest.json").write_text(json.dumps({"format": "stablehlo", "entries": {}}))
+    model, cfg = large_model()
+    save_torch(root / "torch", model, cfg)
+    return root
+
+
+WRONG = {  # (function, folder, what the one-line message must say besides "expected ...; found")
+    "torch <- checkpoint": (from_torch, "ck", "found a zoo checkpoint folder; to convert it to PyTorch use "
+                                              "`zoo convert to-torch`"),
+    "torch <- step": (from_torch, "ck/0", "found step folder 0 of the zoo checkpoint {root}/ck; to convert it to "
+                                          "PyTorch use `zoo convert to-torch {root}/ck --step 0`"),
+    "torch <- artifact": (from_torch, "artifact", "found a `zoo export` artifact (manifest.json, format 'stablehlo')"),
+    "torch <- missing": (from_torch, "nothing", "found nothing (no such file or folder)"),
+    "to-torch <- step": (to_torch, "ck/0", "found step folder 0 of the checkpoint {root}/ck; pass {root}/ck with "
+                                           "--step 0"),
+    "to-torch <- artifact": (to_torch, "artifact", "found a `zoo export` artifact"),
+    "to-torch <- torch": (to_torch, "torch", "found a PyTorch / Hugging Face model folder"),
+    "to-torch <- missing": (to_torch, "nothing", "found nothing (no such file or folder)"),
+    "to-torch <- no such step": (to_torch, "ck", "{root}/ck does not hold step 5 (steps: [0])"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(WRONG))
+def test_each_convert_command_says_what_it_expected_and_what_it_found(tmp_path, folders, case):
+    function, name, found = WRONG[case]
+    expected = ("expected a PyTorch xlstm folder (config.yaml or config.json, and model.safetensors or shards)"
+                if function is from_torch
+                else "expected an mlstm_v1 zoo checkpoint folder")
+    with pytest.raises(ConvertError) as info:
+        function(folders / name, tmp_path / "out", **({"step": 5} if "step 5" in found else {}))
+    message = str(info.value)
+    assert "\n" not in message and found.format(root=folders) in message, message
+    if "step 5" not in found:
+        assert message.startswith(f"{folders / name}: {expected}"), message
     assert not (tmp_path / "out").exists()
 
 
@@ -221,7 +362,10 @@ def test_bad_sources_name_the_tensor_or_field_and_leave_nothing(tmp_path, case):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".converting")]
 
 
-def test_cli_converts_with_progress_and_exits_2_on_bad_input(tmp_path):
+@pytest.mark.slow
+def test_cli_converts_both_ways_names_the_step_and_exits_2_on_bad_input(tmp_path, folders):
+    from test_cli import invoke_zoo
+
     model, cfg = neurips_model(seed=9)
     src = save_torch(tmp_path / "src", model, cfg)
     env = {k: v for k, v in os.environ.items() if not k.startswith("ZOO_")} | {"ZOO_DISABLE_PLUGIN_AUTOLOAD": "1"}
@@ -229,9 +373,17 @@ def test_cli_converts_with_progress_and_exits_2_on_bad_input(tmp_path):
                            str(tmp_path / "ck")], capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr
     assert "converted neurips (33 tensors" in proc.stdout
-    again = subprocess.run([sys.executable, "-m", "zoo.cli", "convert", "to-torch", str(tmp_path / "ck"), "--out",
-                            str(tmp_path / "t")], capture_output=True, text=True, timeout=300, env=env)
-    assert again.returncode == 2 and "Traceback" not in again.stderr
-    assert "layer_type='mlstm' cannot be represented" in " ".join(again.stderr.split())
     meta = read_metadata(tmp_path / "ck")["converted_from"]
     assert meta["format"] == "neurips" and json.dumps(meta["config"])
+    written = subprocess.run([sys.executable, "-m", "zoo.cli", "convert", "to-torch", str(folders / "ck"), "--step",
+                              "0", "--out", str(tmp_path / "t")], capture_output=True, text=True, timeout=300,
+                             env=env | {"COLUMNS": "300"})
+    assert written.returncode == 0, written.stderr
+    assert f"to {tmp_path / 't'} from step 0 of {folders / 'ck'} (step 0 only)" in written.stdout
+    assert sorted(p.name for p in (tmp_path / "t").iterdir()) == ["config.yaml", "model.safetensors"]
+    for args, message in ((("to-torch", str(tmp_path / "ck")), "layer_type='mlstm' cannot be represented: to-torch "
+                                                              "writes xlstm_large, which holds mlstm_v1 models only"),
+                          (("torch", str(folders / "ck")), "to convert it to PyTorch use `zoo convert to-torch`")):
+        refused = invoke_zoo("convert", *args, "--out", str(tmp_path / "none"))
+        assert refused.returncode == 2 and "Traceback" not in refused.stderr
+        assert message in " ".join(refused.stderr.split()), refused.stderr

@@ -15,8 +15,8 @@ V, S = 61, 14
 TOKENS = jnp.asarray(np.random.default_rng(7).integers(0, V, size=(3, S)), jnp.int32)
 
 
-def config(layer_type: str, **overrides):
-    layer = {"layer_type": layer_type, "num_heads": 2}
+def config(layer_type: str, layer: dict | None = None, **overrides):
+    layer = {"layer_type": layer_type, "num_heads": 2, **(layer or {})}
     if layer_type == "mlstm_v1":
         layer["qk_dim_factor"] = 0.5
     block = {"mlstm": {**layer, "mlstm_cell": {"gate_soft_cap": 15.0,
@@ -47,6 +47,32 @@ def test_prefill_then_steps_equals_full_forward(model, split):
         assert float(jnp.abs(step_logits - full[:, t]).max()) <= 1e-4, t
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("kernel_size", [0, 1, 2])
+def test_prefill_then_steps_equals_full_forward_for_each_conv_kernel_size(kernel_size):
+    """conv1d_kernel_size may be any K >= 0: K = 0 has no conv, K = 1 an empty conv state, K = 2 a state
+    shorter than the prompt (K = 4, the default, is `model`'s, whose 1-token prompt is shorter than its
+    state). Steps-only decoding is checked too."""
+    cfg = config("mlstm", {"conv1d_kernel_size": kernel_size}, embedding_dim=16, num_blocks=1)
+    rng = np.random.default_rng(kernel_size)  # N(0, 0.3) parameters from shapes: no init to compile
+    params = jax.tree_util.tree_map(lambda s: jnp.asarray(rng.normal(0, 0.3, s.shape), s.dtype),
+                                    zoo.param_shapes(cfg))
+    tokens = TOKENS[:2, :7]
+    full = zoo.forward(cfg, params, tokens)
+    logits, state = zoo.prefill(cfg, params, tokens[:, :3])
+    assert state["conv"].shape == (1, 2, max(kernel_size - 1, 0), 64)  # Di = round64(2·16)
+    zero = zoo.init_state(cfg, 2)
+    decoded, from_zero = [logits], []
+    for t in range(tokens.shape[1]):
+        if t >= 3:
+            step_logits, state = zoo.step(cfg, params, tokens[:, t], state)
+            decoded.append(step_logits[:, None])
+        zero_logits, zero = zoo.step(cfg, params, tokens[:, t], zero)
+        from_zero.append(zero_logits[:, None])
+    helpers.assert_rel_close(jnp.concatenate(decoded, axis=1), full, rtol=1e-5)
+    helpers.assert_rel_close(jnp.concatenate(from_zero, axis=1), full, rtol=1e-5)
+
+
 def test_decoding_from_the_zero_state_with_steps_only(model):
     cfg, params, full = model
     state = zoo.init_state(cfg, TOKENS.shape[0])
@@ -65,12 +91,10 @@ def test_prefill_continues_from_a_state(model):
 def test_state_layout(model):
     cfg, params, _ = model
     _, state = zoo.prefill(cfg, params, TOKENS[:, :3])
-    sizes = cfg.derived_sizes()
-    NB, B, NH = cfg.num_blocks, TOKENS.shape[0], cfg.layer.num_heads
-    expected = {"c": (NB, B, NH, sizes["qk_head_dim"], sizes["v_head_dim"]), "n": (NB, B, NH, sizes["qk_head_dim"]),
-                "m": (NB, B, NH)}
-    if cfg.layer.layer_type == "mlstm":
-        expected["conv"] = (NB, B, cfg.layer.conv1d_kernel_size - 1, sizes["inner_dim"])
+    # by hand (mlstm-reference.md §3.1), NB=2, B=3, NH=2, D=32: mlstm Di=round64(2D)=64, DQK=DV=Di/NH=32,
+    # conv K-1=3 inputs of width Di; mlstm_v1 DQK=0.5·D/NH=8, DV=D/NH=16
+    expected = {"mlstm": {"c": (2, 3, 2, 32, 32), "n": (2, 3, 2, 32), "m": (2, 3, 2), "conv": (2, 3, 3, 64)},
+                "mlstm_v1": {"c": (2, 3, 2, 8, 16), "n": (2, 3, 2, 8), "m": (2, 3, 2)}}[cfg.layer.layer_type]
     assert {k: v.shape for k, v in state.items()} == expected
     assert all(v.dtype == jnp.float32 for v in state.values())
 

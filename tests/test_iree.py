@@ -1,4 +1,5 @@
-"""The StableHLO text of a static-shape artifact compiles with IREE and runs without JAX or zoo."""
+"""The StableHLO text of a static-shape artifact compiles with IREE and runs without JAX or zoo, its weights passed
+from the artifact's weights file in the order the manifest lists."""
 
 from __future__ import annotations
 
@@ -24,7 +25,9 @@ vmfb = iree.compiler.compile_file(f"{artifact}/{entry['mlir']}", target_backends
 context = iree.runtime.SystemContext(config=iree.runtime.Config("local-task"))
 module = iree.runtime.VmModule.copy_buffer(context.instance, vmfb)
 context.add_vm_module(module)
-args = [np.load(tokens_file)]
+with np.load(f"{artifact}/{manifest['weights_file']['file']}") as npz:  # float32 here: no bfloat16 view needed
+    weights = [npz[p["name"]] for p in manifest["weights_file"]["params"]]
+args = [*weights, np.load(tokens_file)]
 if entry["mlir_platform_index_argument"]:
     args.insert(0, np.asarray(manifest["platforms"].index("cpu"), np.int32))
 np.save(output, np.asarray(getattr(context.modules, module.name)["main"](*args)))
@@ -35,7 +38,8 @@ def test_iree_runs_the_forward_mlir(tmp_path):
     cfg = export_config("mlstm")  # lowered for three platforms: main takes the platform index first
     params = perturbed(zoo.init_params(cfg), 4, 0.3)
     tokens = EXPORT_TOKENS["large"]
-    artifact = export_stablehlo(cfg, params, tmp_path / "static", entries=["forward"], static=tokens.shape)
+    artifact = export_stablehlo(cfg, params, tmp_path / "static", entries=["forward"], static=tokens.shape,
+                                mlir=True)
     assert json.loads((artifact / "manifest.json").read_text())["static_dims"]["s"] == tokens.shape[1]
     np.save(tmp_path / "tokens.npy", tokens)
     run_without(("zoo", "jax", "jaxlib"), tmp_path, RUNNER, artifact, tmp_path / "tokens.npy", tmp_path / "out.npy")

@@ -82,7 +82,7 @@ def test_fsdp_bytes_per_device_at_the_13b_preset():
     config = preset.with_parallel(ParallelConfig(fsdp_axis_size=8, fsdp_modules=["Embed", "LMHead", "mLSTMBlock"]))
     replicated = sharding.bytes_per_device(config, (1, 1, 1, 1))
     fsdp = sharding.bytes_per_device(config, (1, 8, 1, 1))
-    assert replicated == 4 * zoo.param_count(preset)
+    assert replicated == 4 * 1_422_559_616  # the published parameter count of the 1.3B model, float32
     assert replicated / 8 <= fsdp < replicated / 7.9  # only norms and small vectors stay whole
 
 

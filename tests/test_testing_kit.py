@@ -66,6 +66,13 @@ def test_isolated_registry_is_undone_and_refuses_missing_plugins():
             pass
 
 
+def test_isolated_registry_refuses_two_plugins_of_one_name():
+    with pytest.raises(AssertionError) as caught:
+        with isolated_registry(FlawedCells(), FlawedCells()):
+            pass
+    assert str(caught.value) == "plugins failed to load: FlawedCells: PluginError: FlawedCells is already loaded"
+
+
 def test_zoo_registry_fixture(zoo_registry):
     reg = zoo_registry(FlawedCells())
     assert get_registry() is reg

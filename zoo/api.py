@@ -13,6 +13,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh
 
 from zoo import presets, sharding
@@ -23,32 +24,64 @@ Params = dict[str, Any]
 
 
 class ConfigSourceError(ValueError):
-    """A config could not be read: missing file, unknown preset or malformed JSON."""
+    """A config could not be read: missing file, unknown preset, malformed JSON, too large or too deep."""
+
+
+MAX_CONFIG_BYTES = 2**20
+"""Largest config file read (1 MiB; a preset is about 1 KiB)."""
+MAX_CONFIG_DEPTH = 32
+"""Deepest nesting of objects and lists in a config (the zoo's own sections nest 6 levels)."""
+
+
+def _too_deep(where: str) -> ConfigSourceError:
+    return ConfigSourceError(f"{where}: objects and lists nested more than {MAX_CONFIG_DEPTH} levels deep "
+                             f"(a config nests about 6)")
+
+
+def _check_depth(data: Any, where: str) -> None:
+    stack = [(data, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if not isinstance(node, (Mapping, list, tuple)):
+            continue
+        if depth > MAX_CONFIG_DEPTH:
+            raise _too_deep(where)
+        stack.extend((child, depth + 1) for child in (node.values() if isinstance(node, Mapping) else node))
 
 
 def load_config(source: str | os.PathLike | Mapping[str, Any] | ModelConfig) -> ModelConfig:
     """A validated ``ModelConfig`` from a preset name, a JSON file path, or a dict.
 
-    Raises ``pydantic.ValidationError`` for invalid content and ``ConfigSourceError`` when the
-    source cannot be read.
+    Values are parsed strictly (see ``zoo.config``). Raises ``pydantic.ValidationError`` for invalid
+    content and ``ConfigSourceError`` when the source cannot be read: no such file or preset (with
+    the closest preset name), not UTF-8, malformed JSON, a file over ``MAX_CONFIG_BYTES``, or
+    objects and lists nested deeper than ``MAX_CONFIG_DEPTH``.
     """
     if isinstance(source, ModelConfig):
         return source
     if isinstance(source, Mapping):
+        _check_depth(source, "the config dict")
         return ModelConfig.model_validate(source)
     path = Path(source)
     if not path.is_file():
         if str(source) in presets.names():
             path = presets.path(str(source))
         else:
-            raise ConfigSourceError(
-                f"{str(source)!r} is neither a config file nor a preset; presets: {', '.join(presets.names())}")
+            raise ConfigSourceError(f"{str(source)!r} is neither a config file nor a preset; "
+                                    f"{presets.hint(str(source))}")
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise ConfigSourceError(f"{path}: {size:,} bytes is over the {MAX_CONFIG_BYTES:,}-byte (1 MiB) limit of a "
+                                f"config file")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as exc:
         raise ConfigSourceError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except json.JSONDecodeError as exc:
         raise ConfigSourceError(f"{path}: malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+    except RecursionError:  # deeper than the JSON parser goes
+        raise _too_deep(str(path)) from None
+    _check_depth(data, str(path))
     if not isinstance(data, dict):
         raise ConfigSourceError(f"{path}: the top level must be a JSON object, got {type(data).__name__}")
     return ModelConfig.model_validate(data)
@@ -72,14 +105,23 @@ def _compiled_init(config_json: str, mesh: Mesh | None):
     return jax.jit(lambda key: nn.unbox(init(key)), out_shardings=shardings)
 
 
+def check_seed(seed: int) -> int:
+    """``seed`` when ``0 <= seed < 2**32``, else ``ValueError``: ``jax.random.PRNGKey`` folds other seeds
+    onto these (``2**32`` gives the key of 0) or overflows."""
+    if not 0 <= seed < 2**32:
+        raise ValueError(f"seed must be in [0, 2**32), got {seed}")
+    return seed
+
+
 def init_params(config: ModelConfig, seed: int = 0, mesh: Mesh | None = None) -> Params:
-    """Freshly initialised float32 parameters.
+    """Freshly initialised float32 parameters; ``seed`` in ``[0, 2**32)`` (else ``ValueError``).
 
     With a ``mesh`` (by default the one ``config.parallel`` asks for, see ``zoo.sharding.make_mesh``)
     every device initialises only its own shards; the values equal a single-device init.
     """
+    key = jax.random.PRNGKey(check_seed(seed))
     mesh = sharding.make_mesh(config) if mesh is None else mesh
-    return _compiled_init(config.model_dump_json(), mesh)(jax.random.PRNGKey(seed))
+    return _compiled_init(config.model_dump_json(), mesh)(key)
 
 
 def boxed_param_shapes(config: ModelConfig) -> Params:
@@ -117,11 +159,42 @@ def _run(config: ModelConfig, mode: str, params: Params, tokens: jax.Array, docu
     return _compiled(config.model_dump_json(), mode, mesh)(params, tokens, document_borders, state)
 
 
-def _tokens(tokens: Any, ndim: int, what: str) -> jax.Array:
-    tokens = jnp.asarray(tokens, jnp.int32)
-    if tokens.ndim != ndim:
-        raise ValueError(f"{what} must have {ndim} dimension(s), got shape {tokens.shape}")
-    return tokens
+class TokenError(ValueError):
+    """Token ids the model cannot take: wrong shape or dtype, outside the vocabulary, or a prompt longer
+    than ``context_length``. Raised on the host, before anything is dispatched to a device."""
+
+
+def _tokens(config: ModelConfig, tokens: Any, ndim: int, what: str, *, prompt: bool) -> jax.Array:
+    """``tokens`` as an int32 array after the host-side checks (``TokenError``).
+
+    Shape, dtype and (for a ``prompt``) the length bound are static and always checked. Values are checked
+    when they are on the host (lists, NumPy), and for a ``prompt`` also when they are a concrete jax.Array
+    (one device-to-host copy of the ids); never for tracers, nor for a device-resident ``step`` token,
+    where reading the value would stall the decode loop on a device-to-host sync.
+    """
+    on_host = not isinstance(tokens, jax.Array)
+    if on_host:
+        try:
+            tokens = np.asarray(tokens)
+        except ValueError as exc:
+            raise TokenError(f"{what} must be a rectangular array of token ids ({exc})") from None
+    if tokens.ndim != ndim or 0 in tokens.shape:
+        raise TokenError(f"{what} must be a non-empty {'(B, S)' if ndim == 2 else '(B,)'} array of token ids, "
+                         f"got shape {tokens.shape}")
+    if not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise TokenError(f"{what} must hold integer token ids, got dtype {tokens.dtype}")
+    length = tokens.shape[-1]
+    if prompt and isinstance(length, int) and 0 < config.context_length < length:
+        raise TokenError(f"{what}: sequence length {length} exceeds context_length={config.context_length}; "
+                         f"context_length bounds each forward or prefill call (decoding with step may go past it)")
+    if on_host or (prompt and not isinstance(tokens, jax.core.Tracer) and tokens.is_fully_addressable):
+        ids = tokens if on_host else jax.device_get(tokens)
+        outside = (ids < 0) | (ids >= config.vocab_size)
+        if outside.any():
+            where = tuple(int(i) for i in np.argwhere(outside)[0])
+            raise TokenError(f"{what}: id {int(ids[where])} at index {where if ndim > 1 else where[0]} is outside "
+                             f"the vocabulary, valid ids are 0 to {config.vocab_size - 1}")
+    return jnp.asarray(tokens, jnp.int32)
 
 
 def _borders(document_borders: Any, shape: tuple[int, ...]) -> jax.Array | None:
@@ -134,12 +207,19 @@ def _borders(document_borders: Any, shape: tuple[int, ...]) -> jax.Array | None:
 
 
 def forward(config: ModelConfig, params: Params, tokens: Any, document_borders: Any = None) -> jax.Array:
-    """Logits ``(B, S, vocab_size)`` float32 for int32 ``tokens (B, S)``, in eval mode (no dropout).
+    """Logits ``(B, S, vocab_size)`` float32 for integer ``tokens (B, S)``, in eval mode (no dropout).
 
     ``document_borders`` (bool ``(B, S)``, True at each document's first token) resets the
     memory there when ``mlstm_cell.reset_at_document_boundaries`` is set.
+
+    Raises ``TokenError`` (a ``ValueError``) on the host, before dispatch, when ``tokens`` is not a
+    non-empty integer ``(B, S)`` array, when ``S`` exceeds ``context_length`` (when it is set, i.e. > 0),
+    or when an id lies outside ``[0, vocab_size)``. Ids are checked whenever they are concrete (lists,
+    NumPy, jax.Array); under a caller's own ``jax.jit`` they are tracers and are not checked: there an id
+    in ``[-vocab_size, 0)`` counts from the end of the vocabulary (NumPy indexing) and any other
+    out-of-range id gives NaN logits for its sequence.
     """
-    tokens = _tokens(tokens, 2, "tokens")
+    tokens = _tokens(config, tokens, 2, "tokens", prompt=True)
     return _run(config, "forward", params, tokens, _borders(document_borders, tokens.shape), None)
 
 
@@ -153,24 +233,58 @@ def prefill(config: ModelConfig, params: Params, tokens: Any, state: State | Non
     The state is a dict of float32 arrays with the block as leading axis: ``c (NB, B, NH, DQK, DV)``,
     ``n (NB, B, NH, DQK)``, ``m (NB, B, NH)`` and, for ``mlstm``, ``conv (NB, B, K-1, Di)``.
     Pass ``state`` to continue from an earlier prefill or step; it starts from zeros otherwise.
+
+    ``context_length`` (when > 0) bounds the prompt: each call takes at most ``context_length`` tokens,
+    while decoding with ``step`` (or a further ``prefill`` from the returned state) may continue past it,
+    since the state has a fixed size. Raises ``TokenError`` (a ``ValueError``) as ``forward`` does: a
+    longer prompt, a bad shape or dtype, or an id outside ``[0, vocab_size)``; ``ValueError`` for a
+    ``state`` whose keys or shapes do not fit the config and batch size.
     """
-    tokens = _tokens(tokens, 2, "tokens")
+    tokens = _tokens(config, tokens, 2, "tokens", prompt=True)
+    if state is not None:
+        _check_state(config, state, tokens.shape[0])
     return _run(config, "prefill", params, tokens, _borders(document_borders, tokens.shape), state)
 
 
 def step(config: ModelConfig, params: Params, token: Any, state: State) -> tuple[jax.Array, State]:
     """Decode one token per sequence (``token (B,)``) through ``mlstm_cell.step_backend``.
 
-    Returns logits ``(B, vocab_size)`` and the new state.
+    Returns logits ``(B, vocab_size)`` and the new state. ``context_length`` does not limit ``step``.
+
+    Raises ``TokenError`` (a ``ValueError``) for a token that is not a non-empty integer ``(B,)`` array, and
+    for an id outside ``[0, vocab_size)`` when the token is host data (a list or NumPy array). A jax.Array
+    token is not read back to check its values: that would make every decoding step wait for a
+    device-to-host copy. An out-of-range id on the device gives NaN logits (an id in ``[-vocab_size, 0)``
+    counts from the end of the vocabulary). A ``state`` whose keys or shapes do not fit the config and
+    batch size is a ``ValueError``.
     """
-    token = _tokens(token, 1, "token")
+    token = _tokens(config, token, 1, "token", prompt=False)
+    _check_state(config, state, token.shape[0])
     logits, state = _run(config, "step", params, token[:, None], None, state)
     return logits[:, 0], state
 
 
+@functools.lru_cache(maxsize=32)
+def _state_shapes(config_json: str, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+    model = build(ModelConfig.model_validate_json(config_json))
+    return jax.eval_shape(lambda: model.init_with_output(
+        jax.random.PRNGKey(0), jnp.zeros((batch_size, 1), jnp.int32), mode="prefill")[0][1])
+
+
+def _check_state(config: ModelConfig, state: Any, batch_size: int) -> None:
+    """``ValueError`` naming the first key or shape of ``state`` that does not fit ``config`` and the batch."""
+    expected = _state_shapes(config.model_dump_json(), batch_size)
+    if not isinstance(state, Mapping) or set(state) != set(expected):
+        got = sorted(state) if isinstance(state, Mapping) else type(state).__name__
+        raise ValueError(f"state must be a dict with keys {sorted(expected)} (from zoo.init_state, prefill or "
+                         f"step), got {got}")
+    for key, want in expected.items():
+        if tuple(jnp.shape(state[key])) != want.shape:
+            raise ValueError(f"state[{key!r}] has shape {tuple(jnp.shape(state[key]))}; this config with batch size "
+                             f"{batch_size} needs {want.shape}")
+
+
 def init_state(config: ModelConfig, batch_size: int) -> State:
     """An all-zero decoding state for ``batch_size`` sequences (what ``prefill`` starts from)."""
-    model = build(config)
-    shapes = jax.eval_shape(lambda: model.init_with_output(
-        jax.random.PRNGKey(0), jnp.zeros((batch_size, 1), jnp.int32), mode="prefill")[0][1])
+    shapes = _state_shapes(config.model_dump_json(), batch_size)
     return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)

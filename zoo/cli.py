@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 from pydantic import ValidationError
@@ -17,14 +17,29 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+# Output that is not a terminal (a pipe, a file, CI logs) is never cut or wrapped: rich and click would
+# otherwise fit it to 80 columns.
+UNBOUNDED_WIDTH = 100_000
+
+
+def _console(stderr: bool = False) -> Console:
+    console = Console(stderr=stderr, highlight=False)
+    if not console.is_terminal:
+        console.width = UNBOUNDED_WIDTH
+    return console
+
+
 app = typer.Typer(
     help="xlstm-zoo: build, inspect and save xLSTM mLSTM models from plugins.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    rich_markup_mode=None,  # plain help text: no type placeholders such as <bool>, no boxes cut to the width
+    context_settings={} if sys.stdout.isatty() else {"terminal_width": UNBOUNDED_WIDTH,
+                                                     "max_content_width": UNBOUNDED_WIDTH},
 )
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+out = _console()
+err = _console(stderr=True)
 
 EXIT_BAD_INPUT = 2
 MAX_ERRORS_SHOWN = 15
@@ -49,9 +64,9 @@ def report_validation_error(source: str, exc: ValidationError) -> None:
 @contextmanager
 def bad_input_exits(source: str) -> Iterator[None]:
     """Turn user-input errors into a short message on stderr and exit code 2."""
-    from zoo.api import ConfigSourceError
+    from zoo.api import ConfigSourceError, TokenError
     from zoo.convert.torch import ConvertError
-    from zoo.export.checkpoint import CheckpointError
+    from zoo.export.checkpoint import CheckpointError, CheckpointRefused
     from zoo.export.entries import ExportError
     from zoo.registry import UnknownPluginError
     from zoo.sharding import ShardingError
@@ -60,6 +75,8 @@ def bad_input_exits(source: str) -> Iterator[None]:
         yield
     except ValidationError as exc:
         report_validation_error(source, exc)
+    except CheckpointRefused as exc:  # raised before Orbax reads anything: a normal exit is safe
+        err.print(f"[bold red]error:[/] {escape(str(exc))}")
     except CheckpointError as exc:
         err.print(f"[bold red]error:[/] {escape(str(exc))}")
         # Orbax's reader threads may still be failing in the background; leave before their
@@ -67,37 +84,121 @@ def bad_input_exits(source: str) -> Iterator[None]:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(EXIT_BAD_INPUT)
-    except (ConfigSourceError, ShardingError, ExportError, ConvertError, UnknownPluginError, OSError) as exc:
+    except (ConfigSourceError, ShardingError, ExportError, ConvertError, UnknownPluginError, TokenError,
+            OSError) as exc:
         err.print(f"[bold red]error:[/] {escape(str(exc))}")
     else:
         return
     raise typer.Exit(EXIT_BAD_INPUT)
 
 
-def parse_prompt(prompt_ids: str, vocab_size: int) -> list[int]:
-    """Token ids from ``--prompt-ids``; a usage error (exit 2) unless each is an integer in [0, vocab_size)."""
+def fail(message: str) -> NoReturn:
+    """Bad input: one line on stderr and exit code 2."""
+    err.print(f"[bold red]error:[/] {escape(message)}")
+    raise typer.Exit(EXIT_BAD_INPUT)
+
+
+def parse_ints(text: str, option: str, example: str) -> list[int]:
+    """Comma-separated integers (at least one) from ``option``; one line and exit 2 otherwise."""
     try:
-        prompt = [int(t) for t in prompt_ids.split(",") if t.strip()]
+        return [int(t) for t in text.split(",")]
     except ValueError:
-        prompt = []
-    if not prompt or not all(0 <= t < vocab_size for t in prompt):
-        raise typer.BadParameter(f"--prompt-ids needs comma-separated ids, at least one, each in [0, {vocab_size}); "
-                                 f"got {prompt_ids!r}")
-    return prompt
+        fail(f"{option} needs comma-separated integers, e.g. {example}; got {text!r}")
+
+
+def parse_prompt(prompt_ids: str) -> list[int]:
+    """Token ids from ``--prompt-ids``; the model or artifact checks them against its vocabulary and
+    ``context_length`` (exit 2 with one line)."""
+    return parse_ints(prompt_ids, "--prompt-ids", "1,2,3")
+
+
+PromptOption = Annotated[str, typer.Option("--prompt-ids", help="comma-separated token ids, e.g. 1,2,3; at most "
+                                           "context_length of them (generation may continue past it)")]
+ShowLogitsOption = Annotated[int, typer.Option("--show-logits", min=0, metavar="N", help="print the N most likely "
+                                               "next tokens after the prompt, with their logits (0: none)")]
+MaxNewTokensOption = Annotated[int, typer.Option("--max-new-tokens", min=1, help="how many tokens to generate")]
+
+
+def show_top_logits(logits: Any, count: int) -> None:
+    """The ``count`` largest of the next-token ``logits (V,)``, most likely first."""
+    import numpy as np
+
+    logits = np.asarray(logits)
+    if count:
+        best = np.argsort(-logits, kind="stable")[:count]
+        out.print(f"logits:    {'  '.join(f'{i}: {logits[i]:.4f}' for i in best)}")
 
 
 ConfigArg = Annotated[str, typer.Argument(help="a config JSON file or a preset name (see `zoo presets`)")]
+StepOption = Annotated[int | None, typer.Option("--step", min=0, help="the checkpoint step to load "
+                                                "(default: the latest)")]
+
+
+def load_checkpoint(checkpoint: Path, step: int | None) -> tuple[Any, Any]:
+    """``(config, params)`` of a checkpoint step (default: the latest); says on stderr which step it loaded."""
+    from zoo.export.checkpoint import find_step, load
+
+    with bad_input_exits(str(checkpoint)):
+        where = find_step(checkpoint, step)
+        loaded = load(where.root, where.step)
+    err.print(f"loaded {escape(str(where))}")
+    return loaded
+
+
+SetOption = Annotated[list[str] | None, typer.Option(
+    "--set", metavar="KEY=VALUE", help="override a config field (repeatable): KEY is its dotted path, VALUE a JSON "
+    "value (a word that is not JSON is a string), validated like a config file; e.g. --set "
+    "parallel.fsdp_axis_size=1, --set parallel=null, --set dtype=float32")]
+
+
+def load_config_with(config: str, sets: list[str] | None) -> Any:
+    """The validated CONFIG with each ``--set KEY=VALUE`` applied in order; exit 2 with the field named otherwise."""
+    from zoo.api import load_config
+
+    overrides: dict[str, Any] = {}
+    for item in sets or []:
+        key, equals, text = item.partition("=")
+        if not equals or not key.strip():
+            fail(f"--set needs KEY=VALUE, e.g. parallel.fsdp_axis_size=1; got {item!r}")
+        try:
+            overrides[key.strip()] = json.loads(text)
+        except json.JSONDecodeError:
+            overrides[key.strip()] = text
+    with bad_input_exits(f"{config} with --set" if overrides else config):
+        cfg = load_config(config)
+        return cfg.with_overrides(overrides) if overrides else cfg
+
+
+def layout_misfit(cfg: Any) -> str | None:
+    """Why the ``parallel`` layout of ``cfg`` does not fit the devices here, and the ``--set`` that makes it fit;
+    None when it fits."""
+    import jax
+
+    from zoo.sharding import ShardingError, axis_sizes
+
+    parallel = cfg.parallel
+    try:
+        if parallel is not None:
+            axis_sizes(parallel, jax.device_count())
+    except ShardingError as exc:
+        fixes = [f"--set parallel.{name}=1" for name in ("fsdp_axis_size", "model_axis_size")
+                 if getattr(parallel, name) > 1] + ["--set parallel.data_axis_size=-1"] * (parallel.data_axis_size != -1)
+        return f"{exc}; to run here, override the layout: {' '.join(fixes)}"
+    return None
 
 
 @app.command()
-def validate(config: ConfigArg) -> None:
-    """Validate a config: exit 0 when valid, 2 (with the field paths) when not."""
-    from zoo.api import load_config
+def validate(config: ConfigArg, sets: SetOption = None) -> None:
+    """Validate a config: exit 0 when valid, 2 (with the field paths) when not.
 
-    with bad_input_exits(config):
-        cfg = load_config(config)
+    A note on stderr says when its parallel layout needs more devices than are here, and how to override it.
+    """
+    cfg = load_config_with(config, sets)
     out.print(f"[green]valid[/] {escape(config)}: {cfg.layer.layer_type}, {cfg.num_blocks} blocks, "
               f"embedding_dim {cfg.embedding_dim}")
+    misfit = layout_misfit(cfg)
+    if misfit:
+        err.print(f"[yellow]note:[/] {escape(config)}: {escape(misfit)}")
 
 
 @app.command()
@@ -105,28 +206,34 @@ def build(
     config: ConfigArg,
     out_dir: Annotated[Path | None, typer.Option("--out", help="checkpoint directory "
                                                   "(default: checkpoints/<config name>)")] = None,
-    seed: Annotated[int, typer.Option(help="PRNG seed of the initialisation")] = 0,
+    seed: Annotated[int, typer.Option(min=0, max=2**32 - 1, help="PRNG seed of the initialisation")] = 0,
     abstract: Annotated[bool, typer.Option("--abstract", help="only compute shapes and sizes; "
                                            "allocate and save nothing")] = False,
     devices: Annotated[int | None, typer.Option(min=1, help="with --abstract: plan the parallel layout for this "
                                                 "many devices (default: the devices present)")] = None,
+    force: Annotated[bool, typer.Option("--force", help="add a step even when the folder's latest step holds "
+                                        "another parameter tree (paths, shapes or dtypes); earlier steps stay")] = False,
+    sets: SetOption = None,
 ) -> None:
     """Validate CONFIG, resolve its plugins, initialise the model, print a summary and save a checkpoint.
 
-    With a ``parallel`` section the model is initialised directly into its sharded layout on all devices
+    With a "parallel" section the model is initialised directly into its sharded layout on all devices
     (of all processes, when launched as several), and each process writes its own shards.
     """
     import jax
 
-    from zoo.api import init_params, load_config, param_shapes
-    from zoo.export.checkpoint import save
+    from zoo.api import init_params, param_shapes
+    from zoo.export.checkpoint import check_save_target, save
     from zoo.sharding import axis_sizes, make_mesh
     from zoo.summary import sharding_table, summary
 
+    if devices is not None and not abstract:
+        raise typer.BadParameter("--devices plans a layout; it needs --abstract")
+    cfg = load_config_with(config, sets)
+    misfit = None if abstract else layout_misfit(cfg)
+    if misfit:
+        fail(f"{config}: {misfit}")
     with bad_input_exits(config):
-        if devices is not None and not abstract:
-            raise typer.BadParameter("--devices plans a layout; it needs --abstract")
-        cfg = load_config(config)
         shapes = param_shapes(cfg)
         out.print(summary(cfg, shapes))
         if cfg.parallel is not None:
@@ -138,6 +245,8 @@ def build(
             return
         mesh = make_mesh(cfg)
     target = out_dir or Path("checkpoints") / Path(config).stem
+    with bad_input_exits(str(target)):
+        check_save_target(target, shapes, force=force)  # before the work of initialising
     where = f"{jax.device_count()} {jax.devices()[0].platform} devices" if mesh else jax.devices()[0].platform
     with out.status(f"initialising with seed {seed} on {where}"):
         start = time.perf_counter()
@@ -145,7 +254,7 @@ def build(
         init_s = time.perf_counter() - start
     with out.status(f"saving to {target}"), bad_input_exits(str(target)):
         start = time.perf_counter()
-        step_dir = save(target, cfg, params)
+        step_dir = save(target, cfg, params, force=force)
         save_s = time.perf_counter() - start
     out.print(f"initialised in {init_s:.2f} s; saved Orbax checkpoint {escape(str(step_dir))} in {save_s:.2f} s")
 
@@ -153,21 +262,29 @@ def build(
 @app.command()
 def generate(
     checkpoint: Annotated[Path, typer.Argument(help="a checkpoint directory written by `zoo build` or zoo.save")],
-    prompt_ids: Annotated[str, typer.Option("--prompt-ids", help="comma-separated token ids, e.g. 1,2,3")],
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 16,
-    temperature: Annotated[float, typer.Option(min=0.0, help="0 is greedy")] = 0.0,
-    top_k: Annotated[int, typer.Option("--top-k", min=0, help="sample among the k most likely (0: all)")] = 0,
-    seed: Annotated[int, typer.Option(help="PRNG seed of the sampling")] = 0,
+    prompt_ids: PromptOption,
+    max_new_tokens: MaxNewTokensOption = 16,
+    temperature: Annotated[float, typer.Option(min=0.0, help="sampling temperature; 0 is greedy")] = 0.0,
+    top_k: Annotated[int, typer.Option("--top-k", min=0, help="sample among the k most likely tokens "
+                                       "(0: all)")] = 0,
+    seed: Annotated[int, typer.Option(min=0, max=2**32 - 1, help="PRNG seed of the sampling")] = 0,
+    show_logits: ShowLogitsOption = 5,
+    step: StepOption = None,
 ) -> None:
     """Continue a prompt with a saved model: prefill once, then one jitted step per token."""
-    from zoo.export.checkpoint import load
+    from zoo.generate import check_sampling
     from zoo.generate import generate as run
 
+    try:
+        check_sampling(max_new_tokens, temperature, top_k, seed)
+    except ValueError as exc:
+        fail(str(exc))
+    prompt = parse_prompt(prompt_ids)
+    config, params = load_checkpoint(checkpoint, step)
     with bad_input_exits(str(checkpoint)):
-        config, params = load(checkpoint)
-    prompt = parse_prompt(prompt_ids, config.vocab_size)
-    result = run(config, params, [prompt], max_new_tokens, temperature=temperature, top_k=top_k, seed=seed)
+        result = run(config, params, [prompt], max_new_tokens, temperature=temperature, top_k=top_k, seed=seed)
     out.print(f"prompt:    {' '.join(map(str, prompt))}")
+    show_top_logits(result.prompt_logits[0], show_logits)
     out.print(f"generated: {' '.join(str(int(t)) for t in result.tokens[0])}")
     out.print(f"prefill {len(prompt)} tokens: {1000 * result.prefill_s:.1f} ms; first step (with compile) "
               f"{1000 * result.first_step_s:.1f} ms; then {result.tokens_per_s:.1f} tokens/s")
@@ -191,22 +308,30 @@ def export_command(
                                      "or one a plugin adds (see `zoo plugins`)")] = "stablehlo",
     platforms: Annotated[str, typer.Option(help="comma-separated lowering platforms")] = "cpu,cuda,tpu",
     entry: Annotated[str, typer.Option("--entry", help="comma-separated entry points")] = "forward,prefill,step",
-    weights: Annotated[str | None, typer.Option(help="stablehlo: 'baked' (constants, default) or 'separate' "
-                                                "(params as arguments); savedmodel: 'variables'")] = None,
+    weights: Annotated[str | None, typer.Option(help="stablehlo: 'file' (default: one weights.npz that every "
+                                                "entry takes as its first argument) or 'baked' (constants in each "
+                                                "entry); savedmodel: 'variables'")] = None,
+    mlir: Annotated[bool, typer.Option("--mlir", help="stablehlo: also write each entry's StableHLO text "
+                                       "(NAME.mlir, e.g. for IREE)")] = False,
     static: Annotated[str | None, typer.Option("--static", metavar="B,S", help="fixed batch and sequence sizes "
                                                "instead of symbolic ones (for IREE)")] = None,
+    step: StepOption = None,
 ) -> None:
     """Export a saved model as a serving artifact (StableHLO by default, or a TF SavedModel)."""
-    from zoo.export.checkpoint import load
     from zoo.registry import resolve
 
     static_dims = parse_static(static)
     with bad_input_exits(str(checkpoint)):
         exporter = resolve("exporter", fmt)
-        config, params = load(checkpoint)
+    config, params = load_checkpoint(checkpoint, step)
     options: dict[str, Any] = {"weights": weights} if weights else {}
     if static_dims:
+        if 0 < config.context_length < static_dims[1]:
+            fail(f"--static {static}: sequence size {static_dims[1]} exceeds context_length={config.context_length}, "
+                 "which bounds each forward or prefill call")
         options["static"] = static_dims
+    if mlir:
+        options["mlir"] = True
     with bad_input_exits(str(out_dir)), out.status(f"exporting {fmt}"):
         start = time.perf_counter()
         path = exporter(config, params, out_dir, platforms=platforms.split(","), entries=entry.split(","), **options)
@@ -217,24 +342,26 @@ def export_command(
 def run(
     artifact: Annotated[Path, typer.Argument(help="a `zoo export` directory (stablehlo or savedmodel) "
                                              "or a `zoo build` checkpoint")],
-    prompt_ids: Annotated[str, typer.Option("--prompt-ids", help="comma-separated token ids")],
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 8,
-    top: Annotated[int, typer.Option(min=1, help="how many of the next-token logits to print")] = 5,
+    prompt_ids: PromptOption,
+    max_new_tokens: MaxNewTokensOption = 8,
+    show_logits: ShowLogitsOption = 5,
+    step: Annotated[int | None, typer.Option("--step", min=0, help="with a checkpoint: the step to load "
+                                             "(default: the latest)")] = None,
 ) -> None:
     """Smoke-test an artifact: its next-token logits for the prompt and a greedy continuation."""
-    import numpy as np
-
+    from zoo.export.checkpoint import find_step
     from zoo.export.runners import greedy, open_artifact
 
+    prompt = parse_prompt(prompt_ids)
     with bad_input_exits(str(artifact)):
-        loaded = open_artifact(artifact)
-    prompt = parse_prompt(prompt_ids, loaded.vocab_size)
+        loaded = open_artifact(artifact, step)
+        if loaded.kind == "checkpoint":
+            err.print(f"loaded {escape(str(find_step(artifact, step)))}")
     with bad_input_exits(str(artifact)):
         logits, tokens = greedy(loaded, prompt, max_new_tokens)
-    best = np.argsort(-logits)[:top]
     out.print(f"artifact:  {loaded.kind} ({', '.join(sorted(loaded.entries))})")
     out.print(f"prompt:    {' '.join(map(str, prompt))}")
-    out.print(f"logits:    {'  '.join(f'{i}: {logits[i]:.4f}' for i in best)}")
+    show_top_logits(logits, show_logits)
     out.print(f"generated: {' '.join(map(str, tokens))}")
 
 
@@ -248,8 +375,11 @@ def convert_torch(
     out_dir: Annotated[Path, typer.Option("--out", help="a new zoo checkpoint directory")],
     dtype: Annotated[str | None, typer.Option(help="compute dtype of the zoo config (default: the tensors' "
                                               "dtype, bfloat16 or float32)")] = None,
+    scan_blocks: Annotated[bool, typer.Option("--scan-blocks", help="stack the blocks' params on a leading axis "
+                                              "(scan_blocks: true, as the mlstm_v1 presets)")] = False,
 ) -> None:
-    """Convert an xlstm_large (xLSTM-7B) or NeurIPS xLSTMLMModel checkpoint into a zoo checkpoint."""
+    """Convert an xlstm_large (xLSTM-7B), Hugging Face xlstm or NeurIPS xLSTMLMModel checkpoint into a zoo
+    checkpoint."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from zoo.convert.torch import from_torch
@@ -268,7 +398,7 @@ def convert_torch(
                        size=f"{done / 2**20:.1f}/{total_bytes / 2**20:.1f} MiB")
 
         start = time.perf_counter()
-        report = from_torch(src, out_dir, dtype=dtype, progress=advance)
+        report = from_torch(src, out_dir, dtype=dtype, scan_blocks=scan_blocks, progress=advance)
     out.print(f"converted {report.source_format} ({report.tensors} tensors, {report.source_bytes / 2**20:.1f} MiB) "
               f"into {escape(str(report.checkpoint))} in {time.perf_counter() - start:.1f} s")
 
@@ -277,26 +407,36 @@ def convert_torch(
 def convert_to_torch(
     checkpoint: Annotated[Path, typer.Argument(help="an mlstm_v1 zoo checkpoint")],
     out_dir: Annotated[Path, typer.Option("--out", help="a new folder for model.safetensors and config.yaml")],
+    step: Annotated[int | None, typer.Option("--step", min=0, help="the step to convert (default: the latest)")]
+    = None,
 ) -> None:
     """Write an mlstm_v1 zoo checkpoint in xlstm_large format (loads with xlstm's load_from_pretrained)."""
     from zoo.convert.torch import to_torch
 
     with bad_input_exits(str(checkpoint)):
-        path = to_torch(checkpoint, out_dir)
-    out.print(f"wrote xlstm_large safetensors and config.yaml to {escape(str(path))}")
+        report = to_torch(checkpoint, out_dir, step=step)
+    out.print(f"wrote xlstm_large model.safetensors ({report.tensors} tensors, {report.nbytes / 2**20:.1f} MiB) and "
+              f"config.yaml to {escape(str(report.folder))} from {escape(report.source)}")
 
 
 @app.command("check-backends")
 def check_backends(
     config: Annotated[str | None, typer.Option(help="take head sizes and backend options from this config")] = None,
-    seq_lens: Annotated[str, typer.Option("--seq-lens", help="comma-separated sequence lengths")] = "1,7,64,130",
+    seq_lens: Annotated[str, typer.Option("--seq-lens", help="comma-separated sequence lengths, each at least 1")
+                        ] = "1,7,64,130",
 ) -> None:
-    """Run every registered cell backend against its reference (parallel_stabilized unless the plugin names
-    another): outputs, gradients, bfloat16, and states out and in against the stateful reference."""
+    """Check every registered cell backend against its reference.
+
+    The reference is parallel_stabilized unless the plugin names another; the checks cover outputs,
+    gradients, bfloat16, and states out and in against the stateful reference.
+    """
     from zoo.api import load_config
     from zoo.registry import available
     from zoo.testing import cell_parity, references
 
+    lengths = parse_ints(seq_lens, "--seq-lens", "1,7,64")
+    if min(lengths) < 1:
+        fail(f"--seq-lens: every sequence length must be at least 1, got {min(lengths)}")
     options: dict[str, Any] = {}
     kwargs: dict[str, dict[str, Any]] = {}
     if config is not None:
@@ -306,7 +446,6 @@ def check_backends(
         options = {"heads": cfg.layer.num_heads, "dqk": sizes["qk_head_dim"], "dv": sizes["v_head_dim"]}
         for backend in (cfg.cell.backend, cfg.cell.prefill_backend, cfg.cell.step_backend):
             kwargs[backend.name] = backend.kwargs
-    lengths = [int(s) for s in seq_lens.split(",")]
     table = Table(title="Cell backends vs their references", title_justify="left")
     for column in ("backend", "check", "reference", "S", "dtype", "max rel. error", "tolerance", "ok"):
         table.add_column(column, justify="right" if column in ("S", "max rel. error", "tolerance") else "left")
@@ -346,6 +485,7 @@ def plugins(
                             "description": e.metadata.get("description")} for e in describe()],
             "plugins": [p.as_dict() for p in reg.plugins.values()],
             "conflicts": [str(c) for c in conflicts],
+            "shared_entry_points": reg.shared_entry_points(),
         }, indent=2))
         return
     if verbose:
@@ -371,6 +511,8 @@ def plugins(
             out.print(failed)
     for conflict in conflicts:
         out.print(f"[yellow]conflict:[/] {escape(str(conflict))}")
+    for shared in reg.shared_entry_points():
+        out.print(f"[yellow]shared entry point:[/] {escape(shared)}")
 
 
 def plugin_tree(reg: Any) -> Any:
@@ -397,10 +539,19 @@ def plugin_tree(reg: Any) -> Any:
 
 
 @app.command()
-def presets() -> None:
-    """List the shipped presets with their sizes and parameter counts."""
+def presets(
+    show: Annotated[str | None, typer.Option("--show", metavar="NAME", help="print the JSON file of preset NAME "
+                                             "(to copy and edit) instead of the table")] = None,
+) -> None:
+    """List the shipped presets with their sizes and parameter counts, or print one preset's JSON."""
     from zoo import presets as preset_files
     from zoo.api import load_config, param_count
+
+    if show is not None:
+        if show not in preset_files.names():
+            fail(f"{show!r} is not a preset; {preset_files.hint(show)}")
+        sys.stdout.write(preset_files.path(show).read_text(encoding="utf-8"))
+        return
 
     table = Table(title="Presets", title_justify="left")
     for column in ("name", "layer_type", "embedding_dim", "num_blocks", "num_heads", "dtype", "params"):
@@ -418,6 +569,30 @@ def schema() -> None:
     from zoo.config import ModelConfig
 
     print(json.dumps(ModelConfig.model_json_schema(), indent=2))
+
+
+@app.command()
+def info(
+    path: Annotated[str, typer.Argument(help="a checkpoint folder, a `zoo export` folder, a config file or a preset")],
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output (schema: docs/info.md)")] = False,
+    step: Annotated[int | None, typer.Option("--step", min=0, help="with a checkpoint: the step to describe "
+                                             "(default: the latest)")] = None,
+) -> None:
+    """Describe a checkpoint, an export artifact or a config: architecture, parameters, steps, plugins, versions,
+    hashes."""
+    from zoo.info import describe, rows
+
+    with bad_input_exits(path):
+        described = describe(path, step)
+    if as_json:
+        print(json.dumps(described, indent=2))
+        return
+    table = Table.grid(padding=(0, 2))
+    table.add_column(style="bold")
+    table.add_column(overflow="fold")
+    for label, text in rows(described):
+        table.add_row(label, text)
+    out.print(table)
 
 
 def main(argv: list[str] | None = None) -> Callable[..., Any] | None:

@@ -6,7 +6,13 @@
 Where the reference silently copies a value from an outer config into an inner one (model
 ``norm_type`` into the layer and cell, model ``dtype`` everywhere, ...), the zoo makes the copy
 explicit: an inner key may be left out, in which case it takes the outer value, or set to the
-same value; a different value is a validation error naming both places.
+same value; a different value is a validation error naming both places. A dump of a ``ModelConfig``
+(``model_dump``, ``model_dump_json``: what checkpoints and export manifests store) writes every value,
+except that an inherited one is written only at the top level (see ``INHERITED``), so editing a
+top-level field of a dump means what it says.
+
+Parsing is strict: a value of the wrong JSON type (``true``, ``"4"`` or ``1.0`` for an integer) is
+refused, not converted; an integer may be given for a float, and a list for a tuple.
 """
 
 from __future__ import annotations
@@ -21,10 +27,13 @@ from typing import Annotated, Any, Literal
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
+    SerializerFunctionWrapHandler,
     TypeAdapter,
     ValidationError,
+    model_serializer,
     model_validator,
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
@@ -41,6 +50,10 @@ def raise_errors(title: str, errors: list[tuple[Loc, str, Any]]) -> None:
         InitErrorDetails(type=PydanticCustomError("zoo_config", "{msg}", {"msg": msg}), loc=loc, input=value)
         for loc, msg, value in errors
     ])
+
+
+def _refuse(message: str) -> PydanticCustomError:
+    return PydanticCustomError("zoo_config", "{msg}", {"msg": message})
 
 
 def _plugin_name_check(kind: str) -> Callable[[str], str]:
@@ -93,9 +106,9 @@ def proj_up_dim(proj_factor: float | None, dim: int | None, multiple_of: int, ro
 
 
 class ZooModel(BaseModel):
-    """Base of every config section: strict keys, no NaN/inf, immutable once validated."""
+    """Base of every config section: strict keys and types, no NaN/inf, immutable once validated."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, validate_default=True,
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, validate_default=True, strict=True,
                               protected_namespaces=(), use_attribute_docstrings=True)
 
     @model_validator(mode="before")
@@ -122,28 +135,66 @@ MAX_SIZE = 2**31 - 1
 """Largest accepted size or derived width: XLA indexes array dimensions with 32-bit integers here."""
 Size = Annotated[int, Field(ge=1, le=MAX_SIZE)]
 
+FLOAT32_MAX = 3.4028234663852886e38
+FLOAT32_TINY = 1.1754943508222875e-38
+"""Largest finite and smallest positive normal float32: params and gates are float32, so a value outside
+this range would become inf or 0 in the model."""
+
+
+def _float32_range(positive: bool) -> Callable[[float], float]:
+    def check(value: float) -> float:
+        if abs(value) > FLOAT32_MAX or (positive and value < FLOAT32_TINY):
+            low = f"{FLOAT32_TINY:.4g}" if positive else f"{-FLOAT32_MAX:.4g}"
+            raise _refuse(f"must be between {low} and {FLOAT32_MAX:.4g}: float32 would round {value!r} to "
+                          f"{'0' if abs(value) < 1 else 'infinity'}")
+        return value
+
+    return check
+
+
+Float32 = Annotated[float, AfterValidator(_float32_range(positive=False))]
+"""A float that float32 holds as a finite number."""
+PositiveFloat32 = Annotated[float, Field(gt=0), AfterValidator(_float32_range(positive=True))]
+"""A positive float that float32 holds as a finite normal number (never rounded to 0)."""
+
+
+def _context_length(value: int) -> int:
+    if value == 0 or value < -1:
+        raise _refuse("must be -1 (no limit) or a positive number of tokens")
+    return value
+
+
+ContextLength = Annotated[int, Field(le=MAX_SIZE), AfterValidator(_context_length)]
+
 PARALLEL_MODULES = ("Embed", "BlockStack", "LMHead", "mLSTMBlock", "xLSTMResBlock", "FFNResBlock",
                     "mLSTMInnerLayer", "mLSTMCell")
 REMAT_MODULES = ("mLSTMBlock", "xLSTMResBlock", "FFNResBlock")
-AxisSize = Annotated[int, Field(ge=1)]
+AxisSize = Annotated[int, Field(ge=1, le=MAX_SIZE)]
 
 
 class ParallelConfig(ZooModel):
     """Device mesh and memory settings (the reference's §2.7); ``zoo.sharding`` maps them onto devices."""
 
-    data_axis_size: Annotated[int, Field(ge=-1)] = -1
+    data_axis_size: Annotated[int, Field(ge=-1, le=MAX_SIZE)] = -1
     """Data-parallel size; -1 infers it from the device count."""
     fsdp_axis_size: AxisSize = 1
+    """Devices each FSDP-sharded parameter is split over."""
     pipeline_axis_size: AxisSize = 1
+    """Must be 1: pipeline parallelism is not supported."""
     model_axis_size: AxisSize = 1
     """Tensor-parallel size."""
     data_axis_name: str = "dp"
+    """Mesh axis name of data parallelism."""
     fsdp_axis_name: str = "fsdp"
+    """Mesh axis name of FSDP."""
     pipeline_axis_name: str = "pp"
+    """Mesh axis name of the (unused) pipeline axis."""
     model_axis_name: str = "tp"
+    """Mesh axis name of tensor parallelism."""
     remat: list[Literal[REMAT_MODULES]] = []  # type: ignore[valid-type]
     """Modules rematerialised in the backward pass."""
     fsdp_modules: list[Literal[PARALLEL_MODULES]] = []  # type: ignore[valid-type]
+    """Modules whose parameters are FSDP-sharded."""
     fsdp_min_weight_size: Annotated[int, Field(ge=0)] = 2**18
     """Parameters with at most this many elements are never FSDP-sharded."""
     fsdp_gather_dtype: DType | None = None
@@ -182,14 +233,19 @@ class ParallelConfig(ZooModel):
         return self
 
 
-GateBiasInit = tuple[float, float] | float | None
+GateBiasInit = Annotated[tuple[Float32, Float32],
+                         BeforeValidator(lambda value: tuple(value) if isinstance(value, list) else value)
+                         ] | Float32 | None
+"""A JSON list (or a tuple) of two floats, one float, or null."""
 
 
 class BackendConfig(ZooModel):
     """Which cell backend runs the mLSTM, and its options (validated by the backend's own model)."""
 
     name: PluginName("cell") = "parallel_stabilized"
+    """A registered cell backend (see `zoo plugins`)."""
     kwargs: dict[str, Any] = {}
+    """Options of the backend, checked by its own kwargs model."""
 
     @model_validator(mode="after")
     def _validate_kwargs(self) -> BackendConfig:
@@ -199,7 +255,7 @@ class BackendConfig(ZooModel):
                 raise_errors("BackendConfig", [(("kwargs",), f"cell {self.name!r} takes no kwargs", self.kwargs)])
             return self
         try:
-            parsed = model.model_validate(self.kwargs)
+            parsed = model.model_validate(self.kwargs, strict=True)
         except ValidationError as exc:
             raise_errors("BackendConfig", [(("kwargs", *e["loc"]), e["msg"], e.get("input")) for e in exc.errors()])
         object.__setattr__(self, "kwargs", parsed.model_dump(mode="json"))
@@ -215,7 +271,7 @@ class CellConfig(ZooModel):
     """Backend of ``prefill``: must return final states (a zoo addition)."""
     step_backend: BackendConfig = Field(default_factory=lambda: BackendConfig(name="recurrent"))
     """Backend of ``step`` (one token with carried state): must take and return states (a zoo addition)."""
-    norm_eps: Annotated[float, Field(gt=0)] = 1e-6
+    norm_eps: PositiveFloat32 = 1e-6
     """eps of the out-norm, the q/k norms and the block pre/post norms."""
     norm_type: PluginName("norm") = "layernorm"
     """Out-norm type of ``mlstm``; must equal the model's ``norm_type`` (inherited when left out)."""
@@ -224,14 +280,21 @@ class CellConfig(ZooModel):
     dtype: DType = "bfloat16"
     """Inherited from the model."""
     gate_dtype: DType = "float32"
-    gate_soft_cap: Annotated[float, Field(gt=0)] | None = None
+    """dtype of the input- and forget-gate projections."""
+    gate_soft_cap: PositiveFloat32 | None = None
+    """Soft cap c·tanh(x/c) of both gate pre-activations (None: no cap)."""
     gate_linear_headwise: bool = False
+    """One gate projection per head, reading only that head's slice (``mlstm`` only; needed for tp > 1)."""
     igate_bias_init_range: GateBiasInit = None
-    """Tuple: linspace over heads; float: constant; None: N(0, 0.1²)."""
+    """Input-gate bias init; two floats: linspace over heads; one float: constant; None: N(0, 0.1²)."""
     fgate_bias_init_range: GateBiasInit = (3.0, 6.0)
+    """Forget-gate bias init; two floats: linspace over heads; one float: constant; None: N(0, 0.1²)."""
     add_qk_norm: bool = False
+    """Norm q and k before the cell."""
     reset_at_document_boundaries: bool = False
-    reset_fgate_value: float = -25.0
+    """Reset the memory at each document's first token (``document_borders``)."""
+    reset_fgate_value: Float32 = -25.0
+    """Forget-gate pre-activation written at document borders."""
     parallel: ParallelConfig | None = None
     """Inherited from the model."""
 
@@ -254,9 +317,12 @@ class UpProjConfig(ZooModel):
     """Fields shared by configs with an up-projection (the reference's UpProj mixin)."""
 
     proj_factor: Annotated[float, Field(gt=0)]
+    """Up-projection width over ``embedding_dim``, before rounding."""
     round_proj_up_dim_up: bool = True
+    """Round the up-projection width up (False: down)."""
     round_proj_up_to_multiple_of: Size = 64
-    embedding_dim: int = -1
+    """The up-projection width is a multiple of this."""
+    embedding_dim: Annotated[int, Field(ge=-1, le=MAX_SIZE)] = -1
     """Inherited from the model."""
 
     @model_validator(mode="after")
@@ -283,35 +349,65 @@ class LayerConfig(UpProjConfig):
     """One mLSTM layer; ``layer_type`` picks the plugin (``mlstm``, ``mlstm_v1``, ...)."""
 
     proj_factor: Annotated[float, Field(gt=0)] = 2.0
+    """Inner width Di over ``embedding_dim``, before rounding (``mlstm`` only)."""
     conv1d_kernel_size: Annotated[int, Field(ge=0, le=MAX_SIZE)] = 4
+    """Kernel size K of the causal depthwise conv; 0: no conv (``mlstm`` only)."""
     qkv_proj_blocksize: Size = 4
+    """Block size of the block-diagonal q/k/v projections (``mlstm`` only)."""
     num_heads: Size = 4
+    """Number of mLSTM heads."""
     vmap_qk: bool = False
+    """One stacked q/k projection instead of two (``mlstm`` only)."""
     init_distribution: PluginName("distribution") = "normal"
+    """Distribution of the input-projection inits."""
     output_init_fn: PluginName("init") = "wang"
+    """Init of the output projection ``proj_down``."""
     layer_type: PluginName("layer") = "mlstm"
+    """The layer plugin: ``mlstm`` (NeurIPS xLSTM) or ``mlstm_v1`` (xLSTM-7B)."""
     norm_type: PluginName("norm") = "layernorm"
     """Inherited from the model."""
     qk_dim_factor: Annotated[float, Field(gt=0)] = 1.0
+    """Total q/k width over the inner width (``mlstm``) or over ``embedding_dim`` (``mlstm_v1``)."""
     v_dim_factor: Annotated[float, Field(gt=0)] = 1.0
+    """Total v width over the inner width (``mlstm``) or over ``embedding_dim`` (``mlstm_v1``)."""
     bias: bool = False
     """Inherited from the model."""
     dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
     """Inherited from the model."""
-    context_length: int = -1
+    context_length: ContextLength = -1
     """Inherited from the model."""
     dtype: DType = "bfloat16"
     """Inherited from the model."""
     parallel: ParallelConfig | None = None
     """Inherited from the model."""
     debug_cell: bool = False
+    """Skip the cell and use h = z (a debugging aid of the reference; ``mlstm`` only)."""
     gate_input: Literal["qkv", "x_mlstm", "x_mlstm_conv", "x_mlstm_conv_act"] = "qkv"
+    """What the gates read (``mlstm`` only): q, k and v, or the up-projection before or after the conv."""
     mlstm_cell: CellConfig = Field(default_factory=CellConfig)
+    """The mLSTM cell: gates, out-norm and backends."""
 
     def derived_sizes(self) -> dict[str, int]:
         """Sizes computed by the layer plugin (inner width, per-head dims, ...)."""
         sizes = registry.entry("layer", self.layer_type).metadata.get("derived_sizes")
         return dict(sizes(self)) if sizes and self.embedding_dim > 0 else {}
+
+    def _size_errors(self) -> list[tuple[Loc, str, Any]]:
+        """The first derived size outside 1..MAX_SIZE, naming the field that sets it."""
+        factors = ("proj_factor", "qk_dim_factor", "v_dim_factor")
+        try:
+            sizes = self.derived_sizes()
+        except (OverflowError, ValueError):  # a factor so large that a width is infinite
+            field = max(factors, key=lambda name: getattr(self, name))
+            return [((field,), "too large: the derived widths overflow", getattr(self, field))]
+        for name, size in sizes.items():
+            if not 1 <= size <= MAX_SIZE:
+                field = SIZE_FIELDS.get(name) or (max if size > MAX_SIZE else min)(
+                    factors, key=lambda f: getattr(self, f))
+                what = f"too large: the derived {name} {size} exceeds {MAX_SIZE}" if size > MAX_SIZE else (
+                    f"too small: the derived {name} is {size}, so the layer would have no width there")
+                return [((field,), what, getattr(self, field))]
+        return []
 
     @model_validator(mode="after")
     def _check_layer(self) -> LayerConfig:
@@ -330,23 +426,20 @@ class LayerConfig(UpProjConfig):
         check = meta.get("check_config")
         if check and self.embedding_dim > 0 and not errors:
             try:
-                errors += [((field,), msg, getattr(self, field, None)) for field, msg in check(self)]
-                too_large = [name for name, size in self.derived_sizes().items() if size > MAX_SIZE]
-            except (OverflowError, ValueError):  # a factor so large that a width is infinite
-                too_large = ["all"]
+                errors += self._size_errors() or [((field,), msg, getattr(self, field, None))
+                                                  for field, msg in check(self)]
             except Exception as exc:  # a bug in the layer plugin: name it
                 raise_errors("LayerConfig", [(("layer_type",), f"layer {self.layer_type!r} from {meta_origin(self)} "
                                               f"failed to check this config: {type(exc).__name__}: {exc}",
                                               self.layer_type)])
-            if too_large and not errors:
-                factors = ("qk_dim_factor", "v_dim_factor", "proj_factor")
-                field = max(factors, key=lambda name: getattr(self, name) * (
-                    too_large == ["all"] or any(name[0] in size for size in too_large)))
-                what = "overflow" if too_large == ["all"] else f"{', '.join(too_large)} exceed {MAX_SIZE}"
-                errors.append(((field,), f"too large: the derived widths {what}", getattr(self, field)))
         if errors:
             raise_errors("LayerConfig", errors)
         return self
+
+
+SIZE_FIELDS = {"inner_dim": "proj_factor", "num_proj_blocks": "qkv_proj_blocksize", "qk_dim": "qk_dim_factor",
+               "v_dim": "v_dim_factor", "qk_head_dim": "num_heads", "v_head_dim": "num_heads"}
+"""The field named when a derived size of the shipped layers is 0 or too large."""
 
 
 def meta_origin(layer: LayerConfig) -> str:
@@ -358,31 +451,48 @@ class FeedForwardConfig(UpProjConfig):
     """The optional feed-forward sub-block after each mLSTM layer."""
 
     proj_factor: Annotated[float, Field(gt=0)] = 1.3
+    """Hidden width P over ``embedding_dim``, before rounding."""
     act_fn: Literal["gelu", "relu", "relu^2", "sigmoid", "swish", "selu"] = "gelu"
-    """``gelu`` is the tanh approximation (flax ``nn.gelu``)."""
+    """Activation; ``gelu`` is the tanh approximation (flax ``nn.gelu``)."""
     dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    """Dropout after the down-projection (not inherited)."""
     bias: bool = False
+    """Biases in the projections (not inherited)."""
     init_distribution: PluginName("distribution") = "normal"
+    """Distribution of the up-projection inits."""
     output_init_fn: PluginName("init") = "wang"
+    """Init of the down-projection."""
     ff_type: Literal["ffn_gated", "ffn"] = "ffn_gated"
+    """``ffn_gated``: down(act(gate(x)) ⊙ up(x)); ``ffn``: down(act(up(x)))."""
     dtype: DType = "bfloat16"
     """Inherited from the model."""
     parallel: ParallelConfig | None = None
     """Inherited from the model."""
+
+    @model_validator(mode="after")
+    def _check_width(self) -> FeedForwardConfig:
+        if self.embedding_dim > 0 and self.proj_up_dim == 0:
+            raise_errors("FeedForwardConfig", [(("proj_factor",), f"too small: proj_factor·embedding_dim = "
+                                                f"{self.proj_factor * self.embedding_dim:g} rounds down to a hidden "
+                                                f"width of 0 (a multiple of {self.round_proj_up_to_multiple_of})",
+                                                self.proj_factor)])
+        return self
 
 
 class BlockConfig(ZooModel):
     """A residual block: pre-norm mLSTM layer, then an optional pre-norm feed-forward."""
 
     mlstm: LayerConfig = Field(default_factory=LayerConfig)
+    """The mLSTM layer."""
     feedforward: FeedForwardConfig | None = None
+    """The feed-forward sub-block after the layer (None: no feed-forward)."""
     add_post_norm: bool = False
     """Norm each sub-layer's output before the residual add (Gemma-2 style)."""
     parallel: ParallelConfig | None = None
     """Inherited from the model."""
 
 
-# (path below the model, fields copied from the model into it)
+# (path below the model, fields copied from the model into it; a dump writes them at the top level only)
 INHERITED: dict[tuple[str, ...], tuple[str, ...]] = {
     ("mlstm_block",): ("parallel",),
     ("mlstm_block", "mlstm"): ("embedding_dim", "bias", "dropout", "context_length", "dtype", "norm_type",
@@ -396,21 +506,29 @@ class ModelConfig(ZooModel):
     """The xLSTM language model: embedding, ``num_blocks`` copies of ``mlstm_block``, final norm, head."""
 
     mlstm_block: BlockConfig = Field(default_factory=BlockConfig)
-    context_length: int = -1
+    """The block repeated ``num_blocks`` times."""
+    context_length: ContextLength = -1
     """Longest sequence accepted by ``forward`` (-1: no limit)."""
     num_blocks: Size = 1
+    """Number of residual blocks."""
     embedding_dim: Size = 128
+    """Model width D (the residual stream)."""
     add_post_blocks_norm: bool = True
     """Apply the final norm. (The reference ignores False; the zoo honours it.)"""
     bias: bool = False
+    """Biases in the layer projections (inherited by ``mlstm_block.mlstm``)."""
     dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    """Dropout of each layer's output (inherited by ``mlstm_block.mlstm``)."""
     scan_blocks: bool = False
     """Run the blocks with ``nn.scan`` (params stacked on a leading axis)."""
     dtype: DType = "bfloat16"
     """Compute dtype; params are always float32 and gates run in ``gate_dtype``."""
     parallel: ParallelConfig | None = None
+    """Device mesh and memory settings (None: one device; inherited by every section)."""
     init_distribution_embed: PluginName("distribution") = "normal"
+    """Distribution of the token-embedding init."""
     init_distribution_out: PluginName("distribution") = "normal"
+    """Distribution of the LM-head init."""
     vocab_size: Annotated[int, Field(le=MAX_SIZE)] = -1
     """Must be set (the reference default -1 means unset)."""
     tie_weights: bool = False
@@ -418,11 +536,15 @@ class ModelConfig(ZooModel):
     weight_decay_on_embedding: bool = False
     """A training option; it does not change the model."""
     add_embedding_dropout: bool = False
-    norm_eps: Annotated[float, Field(gt=0)] = 1e-6
+    """Dropout on the token embeddings (rate ``dropout``)."""
+    norm_eps: PositiveFloat32 = 1e-6
     """eps of the final norm (block norms use ``mlstm_cell.norm_eps``)."""
     norm_type: PluginName("norm") = "layernorm"
-    logits_soft_cap: Annotated[float, Field(gt=0)] | None = None
+    """Type of the block norms, the ``mlstm`` out-norm, the q/k norms and the final norm (inherited below)."""
+    logits_soft_cap: PositiveFloat32 | None = None
+    """Soft cap c·tanh(x/c) of the logits (None: no cap)."""
     lm_head_dtype: DType = "float32"
+    """Compute dtype of the LM head."""
 
     @model_validator(mode="before")
     @classmethod
@@ -434,7 +556,7 @@ class ModelConfig(ZooModel):
         for name in {f for fields in INHERITED.values() for f in fields}:
             value = data.get(name, cls.model_fields[name].default)
             try:  # push down only values that are valid here; an invalid one is reported once, at the top
-                outer[name] = _field_adapter(cls, name).validate_python(value)
+                outer[name] = _field_adapter(cls, name).validate_python(value, strict=True)
             except ValidationError:
                 continue
         errors: list[tuple[Loc, str, Any]] = []
@@ -460,6 +582,18 @@ class ModelConfig(ZooModel):
                         node[name] = outer[name]
         if errors:
             raise_errors(cls.__name__, errors)
+        return data
+
+    @model_serializer(mode="wrap")
+    def _write_inherited_once(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        for path, fields in INHERITED.items():
+            node = data
+            for part in path:
+                node = node.get(part) if isinstance(node, dict) else None
+            if isinstance(node, dict):
+                for name in fields:
+                    node.pop(name, None)
         return data
 
     @model_validator(mode="after")
@@ -502,14 +636,32 @@ class ModelConfig(ZooModel):
 
     def with_parallel(self, parallel: ParallelConfig | None) -> ModelConfig:
         """This config with another ``parallel`` section (set once, at the top, and inherited below)."""
+        return ModelConfig.model_validate({**self.model_dump(mode="json"), "parallel": parallel})
+
+    def with_overrides(self, overrides: Mapping[str, Any]) -> ModelConfig:
+        """This config with fields set by dotted path, e.g. ``{"parallel.fsdp_axis_size": 1, "dtype": "float32"}``.
+
+        The values are edits of this config's dump (as in a JSON file, validated as strictly); a
+        section that is null or absent, like ``parallel``, is created from its defaults. Raises
+        ``pydantic.ValidationError`` naming the field when the result is not a valid config.
+        """
         data = self.model_dump(mode="json")
-        for path, fields in INHERITED.items():
+        errors: list[tuple[Loc, str, Any]] = []
+        for dotted, value in overrides.items():
+            *parents, leaf = dotted.split(".")
             node = data
-            for part in path:
-                node = node.get(part) if isinstance(node, dict) else None
-            if isinstance(node, dict) and "parallel" in fields:
-                node.pop("parallel", None)
-        data["parallel"] = None if parallel is None else parallel.model_dump(mode="json")
+            for depth, part in enumerate(parents):
+                if node.get(part) is None:
+                    node[part] = {}
+                if not isinstance(node[part], dict):
+                    errors.append((tuple(parents[:depth + 1]), f"is not a section, so {dotted!r} cannot be set",
+                                   node[part]))
+                    break
+                node = node[part]
+            else:
+                node[leaf] = value
+        if errors:
+            raise_errors("ModelConfig", errors)
         return ModelConfig.model_validate(data)
 
     def derived_sizes(self) -> dict[str, int]:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import functools
+import math
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from zoo.api import Params, build, prefill
+from zoo.api import Params, build, check_seed, prefill
 from zoo.config import ModelConfig
 
 
@@ -46,12 +48,13 @@ def step_fn(config: ModelConfig, top_k: int = 0):
 
 @dataclass
 class Generation:
-    """Generated ids and timings."""
+    """Generated ids, the logits they started from, and timings."""
 
-    tokens: jax.Array  # (B, max_new_tokens)
+    tokens: jax.Array  # (B, max_new_tokens) int32
     prefill_s: float
     first_step_s: float  # includes compiling the step function
     decode_s: float  # the remaining steps
+    prompt_logits: jax.Array  # (B, vocab_size) float32: the next-token logits after the prompt
 
     @property
     def tokens_per_s(self) -> float:
@@ -60,18 +63,35 @@ class Generation:
         return self.tokens.shape[0] * steps / self.decode_s if steps > 0 and self.decode_s > 0 else float("nan")
 
 
-def generate(config: ModelConfig, params: Params, prompt: jax.Array, max_new_tokens: int, *,
-             temperature: float = 0.0, top_k: int = 0, seed: int = 0) -> Generation:
-    """Continue ``prompt (B, S)`` by ``max_new_tokens`` tokens."""
+def check_sampling(max_new_tokens: int, temperature: float, top_k: int, seed: int) -> None:
+    """``ValueError`` naming the first argument of ``generate`` that is out of range."""
     if max_new_tokens < 1:
-        raise ValueError("max_new_tokens must be at least 1")
-    prompt = jnp.asarray(prompt, jnp.int32)
-    temperature = jnp.float32(temperature)
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature}")
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 samples among all tokens), got {top_k}")
+    check_seed(seed)
+
+
+def generate(config: ModelConfig, params: Params, prompt: Any, max_new_tokens: int, *,
+             temperature: float = 0.0, top_k: int = 0, seed: int = 0) -> Generation:
+    """Continue the integer ``prompt (B, S)`` by ``max_new_tokens`` tokens (``Generation.tokens (B, max_new_tokens)``).
+
+    ``context_length`` bounds the prompt only; the continuation may run past it. The prompt is checked
+    as ``zoo.prefill`` checks it; the tokens fed back while decoding are the model's own and are not read
+    back (no device-to-host sync per token). Raises ``TokenError`` (a ``ValueError``) for a bad prompt,
+    and ``ValueError`` unless ``max_new_tokens >= 1``, ``temperature`` is finite and >= 0 (0 is greedy),
+    ``top_k >= 0`` (0: all tokens) and ``seed`` is in ``[0, 2**32)``.
+    """
+    check_sampling(max_new_tokens, temperature, top_k, seed)
     key = jax.random.PRNGKey(seed)
+    temperature = jnp.float32(temperature)
     start = time.perf_counter()
     logits, state = prefill(config, params, prompt)
+    logits = logits[:, -1]
     key, sub = jax.random.split(key)
-    token = jax.block_until_ready(sample(logits[:, -1], sub, temperature, top_k))
+    token = jax.block_until_ready(sample(logits, sub, temperature, top_k))
     prefill_s = time.perf_counter() - start
     step = step_fn(config, top_k)
     out, first_step_s = [token], 0.0
@@ -85,4 +105,4 @@ def generate(config: ModelConfig, params: Params, prompt: jax.Array, max_new_tok
             start = time.perf_counter()
     jax.block_until_ready(token)
     decode_s = time.perf_counter() - start if max_new_tokens > 2 else 0.0
-    return Generation(jnp.stack(out, axis=1), prefill_s, first_step_s, decode_s)
+    return Generation(jnp.stack(out, axis=1), prefill_s, first_step_s, decode_s, logits)

@@ -22,7 +22,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from zoo import sharding
-from zoo.api import build, param_shapes
+from zoo.api import _tokens, build, param_shapes
 from zoo.config import ModelConfig
 
 Params = dict[str, Any]
@@ -86,7 +86,8 @@ def init_state(config: ModelConfig, params: Params, optimizer: optax.GradientTra
 
 
 def _prepare(config: ModelConfig, state: TrainState, tokens: Any) -> tuple[Mesh | None, jax.Array]:
-    mesh, (tokens,) = sharding.place_batch(config, state.params, jnp.asarray(tokens, jnp.int32))
+    tokens = _tokens(config, tokens, 2, "tokens", prompt=False)  # ids in the vocabulary, when on the host
+    mesh, (tokens,) = sharding.place_batch(config, state.params, tokens)
     return mesh, tokens
 
 
@@ -95,7 +96,8 @@ def train_step(config: ModelConfig, optimizer: optax.GradientTransformation, sta
     """One AdamW update on the next-token loss of ``tokens (B, S)``; returns the new state and the loss.
 
     The state keeps its layout; the input state is donated. Dropout (when configured) draws from a
-    key folded with the step number.
+    key folded with the step number. Host ``tokens`` (lists, NumPy) with an id outside ``[0, vocab_size)``
+    raise ``zoo.api.TokenError``; device arrays are not read back (an out-of-range id gives a NaN loss).
     """
     mesh, tokens = _prepare(config, state, tokens)
     return _compiled_step(config.model_dump_json(), optimizer, mesh)(state, tokens)

@@ -1,16 +1,25 @@
 """NX-AI PyTorch xlstm checkpoints <-> zoo checkpoints, read and written with safetensors (no torch needed).
 
-Two source formats (the mapping is the reference doc's section 10):
+Three source formats (the mapping is the reference doc's section 10):
 
-* ``xlstm_large`` (xLSTM-7B; also the Hugging Face ``xlstm`` export): ``model.safetensors`` or
-  ``model_N.safetensors`` shards (or an index), plus ``config.yaml`` / ``config.json``. It becomes
-  ``layer_type: mlstm_v1``. ``to_torch`` writes this format back.
+* ``xlstm_large`` (xLSTM-7B): ``model.safetensors`` or ``model_N.safetensors`` shards (or an index),
+  plus ``config.yaml`` (an ``xLSTMLargeConfig``). It becomes ``layer_type: mlstm_v1``. ``to_torch``
+  writes this format back.
+* ``hf_xlstm``: a Hugging Face ``xlstm`` folder, as ``transformers``' ``xLSTMForCausalLM.save_pretrained``
+  writes it (``config.json`` with ``model_type: xlstm``, the same tensors under ``backbone.``). It
+  becomes ``layer_type: mlstm_v1``.
 * NeurIPS ``xLSTMLMModel`` with mLSTM blocks only: a state dict in safetensors plus its
   ``xLSTMLMModelConfig`` as YAML or JSON. It becomes ``layer_type: mlstm``.
 
-Everything is checked before a byte is written: every tensor the model needs must be present with
-the right shape, no tensor may be left over, and every config field must be representable.
-Tensors are then read, transformed and cast one at a time.
+Every field of the source config is mapped into the zoo config, stored in the checkpoint metadata
+(the token ids, under ``tokens``), ignored for the reason given in ``IGNORED_LARGE`` /
+``IGNORED_NEURIPS`` (kernel and runtime choices, fields xlstm derives itself), or refused by name: a
+value the zoo cannot represent, or a field the converter does not know. Everything is checked
+before a byte is written: every tensor the model needs must be present with the right shape, no
+tensor may be left over. Tensors are then read, transformed and cast one at a time.
+
+Both directions handle every parameter layout the zoo produces: blocks stacked on a leading axis
+(``scan_blocks: true``) or one subtree per block, tied or untied heads, float32 or bfloat16 params.
 """
 
 from __future__ import annotations
@@ -20,8 +29,8 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Mapping
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,41 +41,66 @@ import numpy as np
 from zoo.config import ModelConfig, proj_up_dim
 
 XLSTM_LARGE = "xlstm_large"
+HF_XLSTM = "hf_xlstm"
 NEURIPS = "neurips"
 BACKEND = {"name": "chunkwise", "kwargs": {"chunk_size": 64}}
+TORCH_FOLDER = "a PyTorch xlstm folder (config.yaml or config.json, and model.safetensors or shards)"
+ZOO_CHECKPOINT = "an mlstm_v1 zoo checkpoint folder (written by `zoo build`, `zoo convert torch` or zoo.save)"
 
 
 class ConvertError(ValueError):
-    """The source cannot be converted exactly: a missing, unexpected or misshapen tensor, or a config field."""
+    """The source cannot be converted exactly: a wrong folder, a missing, unexpected or misshapen tensor, or a
+    config field that cannot be represented."""
 
 
-# -- reading the source ------------------------------------------------------------------------
+# -- the source folder and its config ----------------------------------------------------------
+
+
+def _torch_folder(src: str | os.PathLike) -> Path:
+    """The resolved source folder; ``ConvertError`` saying what was expected and found when it is not one."""
+    from zoo.export.checkpoint import classify_path
+
+    found = classify_path(src)
+    if found.kind == "torch":
+        return found.path
+    if found.kind == "checkpoint":
+        what = "a zoo checkpoint folder; to convert it to PyTorch use `zoo convert to-torch`"
+    elif found.kind == "step":
+        what = (f"step folder {found.path.name} of the zoo checkpoint {found.path.parent}; to convert it to PyTorch "
+                f"use `zoo convert to-torch {found.path.parent} --step {found.path.name}`")
+    else:
+        what = found.found
+    raise ConvertError(f"{found.path}: expected {TORCH_FOLDER}; found {what}")
 
 
 def read_source_config(src: Path) -> tuple[str, dict[str, Any]]:
-    """The format name and the PyTorch config dict found in ``src``."""
+    """The format name (``xlstm_large``, ``hf_xlstm`` or ``neurips``) and the PyTorch config dict in ``src``."""
     for name in ("config.yaml", "config.yml", "config.json"):
         path = src / name
         if path.is_file():
             break
     else:
-        raise ConvertError(f"{src} has no config.yaml or config.json")
+        raise ConvertError(f"{src}: expected {TORCH_FOLDER}; found no config.yaml or config.json")
     text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json":
-        data = json.loads(text)
-    else:
-        import yaml
+    try:
+        if path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
 
-        data = yaml.safe_load(text)
+            data = yaml.safe_load(text)
+    except Exception as exc:  # JSON, YAML or nesting errors: the file is not a config
+        lines = str(exc).strip().splitlines()
+        raise ConvertError(f"{path} cannot be parsed: {lines[0] if lines else type(exc).__name__}") from None
     if not isinstance(data, dict):
         raise ConvertError(f"{path}: the top level must be a mapping")
     if "mlstm_block" in data or "slstm_block" in data:
         return NEURIPS, data
-    aliases = {"hidden_size": "embedding_dim", "num_hidden_layers": "num_blocks"}
-    data = {aliases.get(k, k): v for k, v in data.items()}
-    if "num_heads" not in data or "embedding_dim" not in data:
-        raise ConvertError(f"{path} is neither an xlstm_large config (num_heads, embedding_dim, ...) "
-                           f"nor a NeurIPS xLSTMLMModelConfig (mlstm_block, ...)")
+    if "model_type" in data:
+        return HF_XLSTM, data
+    if not {"num_heads", "embedding_dim", "hidden_size"} & set(data):
+        raise ConvertError(f"{path} is neither an xlstm_large or Hugging Face xlstm config (num_heads, "
+                           f"embedding_dim, ...) nor a NeurIPS xLSTMLMModelConfig (mlstm_block, ...)")
     return XLSTM_LARGE, data
 
 
@@ -85,7 +119,8 @@ def _shard_files(src: Path) -> list[Path]:
     shards = sorted(src.glob("model_*.safetensors"), key=lambda p: int(p.stem.split("_")[-1])
                     if p.stem.split("_")[-1].isdigit() else p.stem)
     if not shards:
-        raise ConvertError(f"{src} has no model.safetensors, model_N.safetensors shards or index")
+        raise ConvertError(f"{src}: expected {TORCH_FOLDER}; found no model.safetensors, model_N.safetensors shards "
+                           f"or index")
     return shards
 
 
@@ -117,7 +152,7 @@ class TensorSource:
             return handle.get_tensor(key)
         from safetensors import safe_open
 
-        with safe_open(str(path), framework="flax") as flax_handle:  # NumPy has no native bfloat16
+        with safe_open(str(path), framework="flax") as flax_handle:  # older safetensors: no NumPy bfloat16
             return np.asarray(flax_handle.get_tensor(key))
 
 
@@ -128,78 +163,204 @@ def _itemsize(dtype: str) -> int:
 
 # -- configs ---------------------------------------------------------------------------------
 
+RUNTIME = "a PyTorch kernel, precision or inference-mode setting; the zoo picks its cell backends in its own config"
+HF_SETTING = "a Hugging Face loading or task setting; it changes neither the weights nor the logits"
+IGNORED_LARGE: dict[str, str] = {
+    **dict.fromkeys(("chunkwise_kernel", "sequence_kernel", "step_kernel", "mode", "chunk_size",
+                     "return_last_states", "autocast_kernel_dtype", "inference_state_dtype",
+                     "max_inference_chunksize", "use_cache"), RUNTIME),
+    "norm_reduction_force_float32": "the zoo's norms always reduce in float32 (or wider)",
+    "weight_mode": "the tensor names tell single from fused weights",
+    **dict.fromkeys(("dtype", "torch_dtype"), "the tensors' own dtype sets the default compute dtype (`--dtype` "
+                                              "overrides it); params are stored in float32"),
+    **dict.fromkeys(("transformers_version", "architectures", "_name_or_path", "output_hidden_states",
+                     "output_attentions", "return_dict", "chunk_size_feed_forward", "is_encoder_decoder",
+                     "id2label", "label2id", "problem_type"), HF_SETTING),
+}
+"""Fields of xlstm's ``xLSTMLargeConfig`` and of transformers' ``xLSTMConfig`` that do not change the model, and why."""
+MAPPED_LARGE = ("embedding_dim", "hidden_size", "num_blocks", "num_hidden_layers", "num_heads", "vocab_size",
+                "use_bias", "eps", "norm_eps", "add_out_norm", "qk_dim_factor", "v_dim_factor", "gate_soft_cap",
+                "output_logit_soft_cap", "ffn_proj_factor", "ffn_round_up_to_multiple_of", "tie_word_embeddings",
+                "model_type")
+TOKEN_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id", "force_bos_token_insert")
+"""Hugging Face token settings (``force_bos_token_insert`` is NX-AI's): kept in the metadata under ``tokens``."""
 
-def _ffn_sizes(P: int, D: int, factor: float | None, multiple: int | None) -> dict[str, Any]:
-    """FFN fields giving exactly ``P``: the source's own factor when zoo rounding reproduces it."""
-    if factor is not None and multiple and proj_up_dim(factor, D, multiple, True) == P:
-        return {"proj_factor": factor, "round_proj_up_to_multiple_of": multiple, "round_proj_up_dim_up": True}
-    return {"proj_factor": (P + 0.5) / D, "round_proj_up_to_multiple_of": 1, "round_proj_up_dim_up": False}
+DERIVED = "xlstm derives it from the other fields"
+COPIED = "xLSTMBlockStackConfig overwrites it with the model-level value"
+NEURIPS_LAYER_FIELDS = ("proj_factor", "round_proj_up_dim_up", "round_proj_up_to_multiple_of", "conv1d_kernel_size",
+                        "qkv_proj_blocksize", "num_heads")
+IGNORED_NEURIPS: dict[str, str] = {
+    "_block_map": DERIVED,
+    "slstm_block": "unused while slstm_at is empty (sLSTM blocks are refused)",
+    "mlstm_block._num_blocks": DERIVED,
+    "mlstm_block._block_idx": DERIVED,
+    **{f"mlstm_block.mlstm.{name}": DERIVED for name in ("_num_blocks", "_proj_up_dim", "_inner_embedding_dim")},
+    **{f"mlstm_block.mlstm.{name}": COPIED for name in ("embedding_dim", "bias", "dropout", "context_length")},
+}
+"""Fields of xlstm's ``xLSTMLMModelConfig`` (dotted below ``mlstm_block``) that do not change the model, and why."""
+MAPPED_NEURIPS = ("vocab_size", "embedding_dim", "num_blocks", "context_length", "add_post_blocks_norm", "bias",
+                  "dropout", "tie_weights", "weight_decay_on_embedding", "add_embedding_dropout", "slstm_at",
+                  "mlstm_block", "mlstm_block.mlstm", *(f"mlstm_block.mlstm.{name}" for name in NEURIPS_LAYER_FIELDS))
+
+_MISSING = object()
+_NUMBER = (int, float)
 
 
 def _refuse(field: str, value: Any, why: str) -> None:
     raise ConvertError(f"config field {field}={value!r} cannot be represented: {why}")
 
 
-def zoo_config_xlstm_large(cfg: Mapping[str, Any], ffn_dim: int, dtype: str) -> dict[str, Any]:
-    """The zoo config reproducing an ``xLSTMLargeConfig`` (FFN width taken from the tensors)."""
-    if cfg.get("use_bias", False):
+def _refuse_unknown(fields: list[str], known: tuple[str, ...] | dict[str, str], *more: Any) -> None:
+    unknown = sorted(set(fields) - set(known).union(*more))
+    if unknown:
+        raise ConvertError(f"config field(s) {', '.join(unknown)} unknown to the converter; refusing to drop "
+                           f"{'it' if len(unknown) == 1 else 'them'} silently")
+
+
+def _get(cfg: Mapping[str, Any], name: str, kinds: tuple[type, ...], default: Any = _MISSING,
+         where: str = "") -> Any:
+    """``cfg[name]`` (or ``default``), refused by name when missing or of another type (a bool is no number)."""
+    if name not in cfg:
+        if default is _MISSING:
+            raise ConvertError(f"config field {where}{name} is missing")
+        return default
+    value = cfg[name]
+    if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
+        names = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
+        raise ConvertError(f"config field {where}{name}={value!r} must be {names}")
+    return value
+
+
+def _aliased(cfg: Mapping[str, Any], name: str, alias: str) -> int:
+    """A size given under its xlstm name, its Hugging Face name or both (then they must agree)."""
+    values = {n: v for n in (name, alias) if (v := _get(cfg, n, (int, type(None)), None)) is not None}
+    if not values:
+        raise ConvertError(f"config field {name} (or {alias}) is missing")
+    if len(set(values.values())) > 1:
+        raise ConvertError(f"config fields {name}={values[name]!r} and {alias}={values[alias]!r} disagree")
+    return next(iter(values.values()))
+
+
+def _ffn_sizes(P: int, D: int, factor: float, multiple: int) -> dict[str, Any]:
+    """FFN fields giving exactly ``P``: the source's own factor when zoo rounding reproduces it."""
+    if proj_up_dim(factor, D, multiple, True) == P:
+        return {"proj_factor": factor, "round_proj_up_to_multiple_of": multiple, "round_proj_up_dim_up": True}
+    return {"proj_factor": (P + 0.5) / D, "round_proj_up_to_multiple_of": 1, "round_proj_up_dim_up": False}
+
+
+def zoo_config_xlstm_large(cfg: Mapping[str, Any], ffn_dim: int, dtype: str, hf: bool = False) -> dict[str, Any]:
+    """The zoo config reproducing an ``xLSTMLargeConfig`` (``hf``: a transformers ``xLSTMConfig``).
+
+    ``ffn_dim`` is the FFN width of the tensors. Raises ``ConvertError`` naming the field that is
+    unknown, missing, mistyped or not representable.
+    """
+    _refuse_unknown(list(cfg), MAPPED_LARGE, IGNORED_LARGE, TOKEN_FIELDS)
+    if hf and cfg.get("model_type") != "xlstm":
+        _refuse("model_type", cfg.get("model_type"), "a Hugging Face xlstm config has model_type 'xlstm'")
+    D = _aliased(cfg, "embedding_dim", "hidden_size")
+    if _get(cfg, "use_bias", (bool,), False):
         _refuse("use_bias", True, "xlstm_large then adds biases to every norm, which the zoo's norms do not have")
-    if cfg.get("eps", 1e-6) != 1e-6:
+    if _get(cfg, "eps", _NUMBER, 1e-6) != 1e-6:
         _refuse("eps", cfg["eps"], "the zoo's cells use eps=1e-6")
-    D = int(cfg["embedding_dim"])
-    norm_eps = float(cfg.get("norm_eps", 1e-6))
+    add_out_norm = _get(cfg, "add_out_norm", (bool,), True)
+    if hf and not add_out_norm:
+        _refuse("add_out_norm", False, "transformers' xLSTMForCausalLM applies backbone.out_norm whatever "
+                                       "add_out_norm says")
+    factor = _get(cfg, "ffn_proj_factor", _NUMBER, 2.667 if hf else 2.6667)
+    multiple = _get(cfg, "ffn_round_up_to_multiple_of", (int,), 64)
+    if multiple < 1:
+        _refuse("ffn_round_up_to_multiple_of", multiple, "it must be at least 1")
+    width = int(((D * factor + multiple - 1) // multiple) * multiple)  # xlstm's round_up_to_next_multiple_of
+    if width != ffn_dim:
+        raise ConvertError(f"config fields ffn_proj_factor={factor!r} and ffn_round_up_to_multiple_of={multiple!r} "
+                           f"give an FFN width of {width}; the tensors have {ffn_dim}")
+    norm_eps = float(_get(cfg, "norm_eps", _NUMBER, 1e-6))
     return {
-        "vocab_size": int(cfg["vocab_size"]), "embedding_dim": D, "num_blocks": int(cfg["num_blocks"]),
+        "vocab_size": _get(cfg, "vocab_size", (int,)), "embedding_dim": D,
+        "num_blocks": _aliased(cfg, "num_blocks", "num_hidden_layers"),
         "dtype": dtype, "norm_type": "rmsnorm", "norm_eps": norm_eps,
-        "logits_soft_cap": cfg.get("output_logit_soft_cap", 30.0),
-        "add_post_blocks_norm": bool(cfg.get("add_out_norm", True)), "tie_weights": False,
+        "logits_soft_cap": _get(cfg, "output_logit_soft_cap", (*_NUMBER, type(None)), 30.0),
+        "add_post_blocks_norm": add_out_norm, "tie_weights": _get(cfg, "tie_word_embeddings", (bool,), False),
         "mlstm_block": {
             "mlstm": {
-                "layer_type": "mlstm_v1", "num_heads": int(cfg["num_heads"]),
-                "qk_dim_factor": float(cfg.get("qk_dim_factor", 0.5)),
-                "v_dim_factor": float(cfg.get("v_dim_factor", 1.0)),
+                "layer_type": "mlstm_v1", "num_heads": _get(cfg, "num_heads", (int,)),
+                "qk_dim_factor": float(_get(cfg, "qk_dim_factor", _NUMBER, 0.5)),
+                "v_dim_factor": float(_get(cfg, "v_dim_factor", _NUMBER, 1.0)),
                 "mlstm_cell": {"norm_eps": norm_eps, "norm_type_v1": "layernorm",
-                               "gate_soft_cap": cfg.get("gate_soft_cap", 15.0), "backend": BACKEND},
+                               "gate_soft_cap": _get(cfg, "gate_soft_cap", (*_NUMBER, type(None)), 15.0),
+                               "backend": BACKEND},
             },
-            "feedforward": {"act_fn": "swish", "ff_type": "ffn_gated",
-                            **_ffn_sizes(ffn_dim, D, cfg.get("ffn_proj_factor"),
-                                         cfg.get("ffn_round_up_to_multiple_of"))},
+            "feedforward": {"act_fn": "swish", "ff_type": "ffn_gated", **_ffn_sizes(ffn_dim, D, factor, multiple)},
         },
     }
 
 
-NEURIPS_LAYER_FIELDS = ("proj_factor", "round_proj_up_dim_up", "round_proj_up_to_multiple_of", "conv1d_kernel_size",
-                        "qkv_proj_blocksize", "num_heads")
+def token_settings(cfg: Mapping[str, Any], vocab_size: int) -> dict[str, Any]:
+    """The ``TOKEN_FIELDS`` present in ``cfg``, checked: ids in ``[0, vocab_size)`` (eos may be a list), or null."""
+    tokens: dict[str, Any] = {}
+    for name in TOKEN_FIELDS[:3]:
+        if name in cfg:
+            value = cfg[name]
+            ids = value if isinstance(value, list) else [value]
+            if value is not None and not (ids and all(type(i) is int and 0 <= i < vocab_size for i in ids)):
+                raise ConvertError(f"config field {name}={value!r} must be a token id in [0, {vocab_size}), a list "
+                                   f"of them, or null")
+            tokens[name] = value
+    if "force_bos_token_insert" in cfg:
+        tokens["force_bos_token_insert"] = _get(cfg, "force_bos_token_insert", (bool,))
+    return tokens
 
 
 def zoo_config_neurips(cfg: Mapping[str, Any], dtype: str) -> dict[str, Any]:
-    """The zoo config reproducing an ``xLSTMLMModelConfig`` made of mLSTM blocks."""
-    slstm_at = cfg.get("slstm_at") or []
+    """The zoo config reproducing an ``xLSTMLMModelConfig`` made of mLSTM blocks.
+
+    Raises ``ConvertError`` naming the field that is unknown, missing, mistyped or not representable.
+    """
+    block = _get(cfg, "mlstm_block", (dict,), None)
+    if block is None:
+        _refuse("mlstm_block", None, "a NeurIPS config needs an mlstm_block")
+    if "mlstm" in block and "mlstm_layer" in block:
+        raise ConvertError("config fields mlstm_block.mlstm and mlstm_block.mlstm_layer both set; give one")
+    block = {("mlstm" if k == "mlstm_layer" else k): v for k, v in block.items()}
+    layer = _get(block, "mlstm", (dict,), {}, "mlstm_block.")
+    _refuse_unknown([*cfg, *(f"mlstm_block.{k}" for k in block), *(f"mlstm_block.mlstm.{k}" for k in layer)],
+                    MAPPED_NEURIPS, IGNORED_NEURIPS)
+    slstm_at = _get(cfg, "slstm_at", (list, str), [])
     if slstm_at:
         _refuse("slstm_at", slstm_at, "sLSTM blocks cannot be imported; only mLSTM blocks")
-    block = cfg.get("mlstm_block") or {}
-    layer = dict(block.get("mlstm") or block.get("mlstm_layer") or {})
-    if not layer and "mlstm_block" not in cfg:
-        _refuse("mlstm_block", None, "a NeurIPS config needs an mlstm_block")
-    embedding_dim = int(cfg.get("embedding_dim", 128))
-    if layer.get("embedding_dim", embedding_dim) not in (-1, embedding_dim):
-        _refuse("mlstm_block.mlstm.embedding_dim", layer["embedding_dim"],
-                f"it differs from the model's {embedding_dim}")
-    context_length = int(cfg.get("context_length", -1))
+    kinds = {"proj_factor": _NUMBER, "round_proj_up_dim_up": (bool,)}
+    layer_fields = {k: _get(layer, k, kinds.get(k, (int,)), where="mlstm_block.mlstm.")
+                    for k in NEURIPS_LAYER_FIELDS if k in layer}
     return {
-        "vocab_size": int(cfg["vocab_size"]), "embedding_dim": embedding_dim,
-        "num_blocks": int(cfg.get("num_blocks", 1)),
+        "vocab_size": _get(cfg, "vocab_size", (int,)), "embedding_dim": _get(cfg, "embedding_dim", (int,), 128),
+        "num_blocks": _get(cfg, "num_blocks", (int,), 1),
         "dtype": dtype, "norm_type": "layernorm", "norm_eps": 1e-5, "logits_soft_cap": None,
-        "add_post_blocks_norm": bool(cfg.get("add_post_blocks_norm", True)),
-        "tie_weights": bool(cfg.get("tie_weights", False)), "bias": bool(cfg.get("bias", False)),
-        "context_length": context_length,
+        "add_post_blocks_norm": _get(cfg, "add_post_blocks_norm", (bool,), True),
+        "tie_weights": _get(cfg, "tie_weights", (bool,), False), "bias": _get(cfg, "bias", (bool,), False),
+        "dropout": float(_get(cfg, "dropout", _NUMBER, 0.0)),
+        "add_embedding_dropout": _get(cfg, "add_embedding_dropout", (bool,), False),
+        "weight_decay_on_embedding": _get(cfg, "weight_decay_on_embedding", (bool,), False),
+        "context_length": _get(cfg, "context_length", (int,), -1),
         "mlstm_block": {"mlstm": {
-            "layer_type": "mlstm", "qk_dim_factor": 1.0, "v_dim_factor": 1.0, "gate_input": "qkv",
-            **{k: layer[k] for k in NEURIPS_LAYER_FIELDS if k in layer},
+            "layer_type": "mlstm", "qk_dim_factor": 1.0, "v_dim_factor": 1.0, "gate_input": "qkv", **layer_fields,
             "mlstm_cell": {"norm_eps": 1e-5, "gate_soft_cap": None, "gate_linear_headwise": False,
                            "backend": BACKEND},
         }},
     }
+
+
+def map_config(fmt: str, cfg: Mapping[str, Any], *, dtype: str, ffn_dim: int = 0) -> tuple[dict[str, Any],
+                                                                                         dict[str, Any]]:
+    """``(zoo config dict, token settings)`` for the source config ``cfg`` of format ``fmt``.
+
+    ``ffn_dim`` is the FFN width of the tensors (``xlstm_large``, ``hf_xlstm``). Every field of
+    ``cfg`` is mapped, ignored for the reason in ``IGNORED_LARGE``/``IGNORED_NEURIPS``, or refused:
+    ``ConvertError`` names it.
+    """
+    if fmt == NEURIPS:
+        return zoo_config_neurips(cfg, dtype), {}
+    zoo_dict = zoo_config_xlstm_large(cfg, ffn_dim, dtype, hf=fmt == HF_XLSTM)
+    return zoo_dict, token_settings(cfg, zoo_dict["vocab_size"])
 
 
 # -- the tensor mapping --------------------------------------------------------------------------
@@ -227,19 +388,27 @@ def one_plus(w: np.ndarray) -> np.ndarray:
     return 1 + w
 
 
+HEAD = "lm_head.weight"
+
+
 def _join(path: tuple[str, ...]) -> str:
     return "/".join(path)
 
 
 def mapping_xlstm_large(cfg: ModelConfig, keys: set[str]) -> dict[str, Source]:
-    """zoo param path -> source, for xlstm_large single or fused weights (HF embedding name accepted)."""
+    """zoo param path -> source, for xlstm_large single or fused weights (Hugging Face names accepted).
+
+    Paths name one subtree per block (``blocks_{i}/...``) whatever ``cfg.scan_blocks`` says; a tied
+    head has no entry.
+    """
     NH = cfg.layer.num_heads
     sizes = cfg.derived_sizes()
     dqk, dv = sizes["qk_dim"], sizes["v_dim"]
     embedding = "backbone.embeddings.weight" if "backbone.embeddings.weight" in keys else "embedding.weight"
     heads = lambda w: w.reshape(NH, -1)  # noqa: E731
-    out = {"token_embedding/embedding": Source(embedding, same),
-           "lm_head/kernel": Source("lm_head.weight", transpose)}
+    out = {"token_embedding/embedding": Source(embedding, same)}
+    if not cfg.tie_weights:
+        out["lm_head/kernel"] = Source(HEAD, transpose)
     if cfg.add_post_blocks_norm:
         out["out_norm/scale"] = Source("backbone.out_norm.weight", same)
     P = cfg.mlstm_block.feedforward.proj_up_dim
@@ -278,13 +447,13 @@ def mapping_xlstm_large(cfg: ModelConfig, keys: set[str]) -> dict[str, Source]:
 
 
 def mapping_neurips(cfg: ModelConfig, keys: set[str]) -> dict[str, Source]:
-    """zoo param path -> source, for a NeurIPS xLSTMLMModel of mLSTM blocks."""
+    """zoo param path -> source, for a NeurIPS xLSTMLMModel of mLSTM blocks (one subtree per block)."""
     NH = cfg.layer.num_heads
     Di = cfg.derived_sizes()["inner_dim"]
     heads = lambda w: (1 + w).reshape(NH, -1)  # noqa: E731
     out = {"token_embedding/embedding": Source("token_embedding.weight", same)}
     if not cfg.tie_weights:
-        out["lm_head/kernel"] = Source("lm_head.weight", transpose)
+        out["lm_head/kernel"] = Source(HEAD, transpose)
     if cfg.add_post_blocks_norm:
         out["out_norm/scale"] = Source("xlstm_block_stack.post_blocks_norm.weight", one_plus)
     for i in range(cfg.num_blocks):
@@ -317,17 +486,31 @@ def mapping_neurips(cfg: ModelConfig, keys: set[str]) -> dict[str, Source]:
     return out
 
 
-# -- conversion ----------------------------------------------------------------------------------
+# -- parameter layouts ---------------------------------------------------------------------------
 
 
-@dataclass
-class ConversionReport:
-    """What a conversion read and wrote."""
+def per_block(config: ModelConfig, params: Any) -> dict[str, np.ndarray]:
+    """``params`` flattened to ``path -> array`` with one ``blocks_{i}/...`` entry per block.
 
-    source_format: str
-    checkpoint: Path
-    tensors: int
-    source_bytes: int
+    Scanned blocks (``scan_blocks: true``: one ``blocks/...`` subtree whose leaves have a leading
+    ``num_blocks`` axis) are split; arrays keep their dtype.
+    """
+    flat = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        name, array = _join(tuple(k.key for k in path)), np.asarray(leaf)
+        if config.scan_blocks and name.startswith("blocks/"):
+            flat |= {f"blocks_{i}/{name.removeprefix('blocks/')}": array[i] for i in range(config.num_blocks)}
+        else:
+            flat[name] = array
+    return flat
+
+
+def stack_blocks(flat: Mapping[str, np.ndarray], num_blocks: int) -> dict[str, np.ndarray]:
+    """The inverse of ``per_block`` for a scanned config: ``blocks_{i}/x`` stacked into ``blocks/x``."""
+    out = {k: v for k, v in flat.items() if not k.startswith("blocks_")}
+    for name in {k.split("/", 1)[1] for k in flat if k.startswith("blocks_0/")}:
+        out[f"blocks/{name}"] = np.stack([flat[f"blocks_{i}/{name}"] for i in range(num_blocks)])
+    return out
 
 
 def _flat_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -346,6 +529,51 @@ def _unflatten(flat: Mapping[str, np.ndarray]) -> dict[str, Any]:
             node = node.setdefault(part, {})
         node[leaf] = value
     return tree
+
+
+# -- conversion ----------------------------------------------------------------------------------
+
+
+@dataclass
+class ConversionReport:
+    """What ``from_torch`` read and wrote."""
+
+    source_format: str
+    checkpoint: Path
+    tensors: int
+    source_bytes: int
+
+
+@dataclass
+class TorchExport:
+    """What ``to_torch`` read and wrote: ``source`` names the step ("step 3 of /ck (steps 0-3)")."""
+
+    folder: Path
+    source: str
+    tensors: int
+    nbytes: int
+
+
+def _new_output(out: str | os.PathLike) -> Path:
+    out_dir = Path(out).expanduser().resolve()
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise ConvertError(f"{out_dir}: expected a new or empty folder for the output; found "
+                           f"{'a file' if not out_dir.is_dir() else 'a folder that is not empty'}")
+    return out_dir
+
+
+@contextmanager
+def _staged(out_dir: Path) -> Iterator[Path]:
+    """A path to write into, renamed to ``out_dir`` when the block succeeds and removed when it fails."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".converting-", dir=out_dir.parent))  # same filesystem: rename is atomic
+    try:
+        yield staging / "out"
+        if out_dir.exists():
+            out_dir.rmdir()
+        (staging / "out").rename(out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _check_sources(mapping: Mapping[str, Source], shapes: Mapping[str, tuple[int, ...]], source: TensorSource,
@@ -385,64 +613,65 @@ def _source_dtype(source: TensorSource) -> str:
     return "bfloat16" if kinds == {"BF16"} else "float32"
 
 
-def from_torch(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str | None = None,
+def _ffn_dim(source: TensorSource) -> int:
+    for key, shape in sorted(source.shapes.items()):
+        if key.endswith("ffn.proj_up.weight"):
+            return shape[0]
+        if key.endswith("ffn.proj_up_gate_z.weight"):
+            return shape[0] // 2
+    raise ConvertError("missing tensor(s): backbone.blocks.0.ffn.proj_up.weight")
+
+
+def from_torch(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str | None = None, scan_blocks: bool = False,
                progress: Callable[[str, int, int, int], None] | None = None) -> ConversionReport:
     """Convert a PyTorch xlstm checkpoint folder into a new zoo checkpoint at ``out``.
 
     ``dtype`` is the compute dtype of the zoo config (default: bfloat16 for bfloat16 tensors, else
-    float32); params are stored in float32. ``progress(param, nbytes, total_params, total_bytes)`` is
-    called after each parameter.
+    float32); params are stored in float32. ``scan_blocks`` stacks the blocks' params on a leading
+    axis (the layout of the ``mlstm_v1`` presets). A tied head (``tie_word_embeddings`` /
+    ``tie_weights``) may be absent or equal to the embedding. The source token ids
+    (``TOKEN_FIELDS``) go into the metadata under ``tokens``. ``progress(param, nbytes,
+    total_params, total_bytes)`` is called after each parameter.
+
+    Raises ``ConvertError`` (naming the folder, tensor or config field) before anything is written.
     """
     from zoo.api import load_config
     from zoo.export.checkpoint import save
 
-    src_dir = Path(src).expanduser().resolve()
-    out_dir = Path(out).expanduser().resolve()
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise ConvertError(f"{out_dir} is not empty; convert into a new directory")
+    src_dir = _torch_folder(src)
+    out_dir = _new_output(out)
     fmt, torch_config = read_source_config(src_dir)
     with ExitStack() as stack:
         source = TensorSource(_shard_files(src_dir), stack)
-        dtype = dtype or _source_dtype(source)
         keys = set(source.shapes)
-        if fmt == XLSTM_LARGE:
-            ffn_key = next((k for k in keys if k.endswith("ffn.proj_up.weight")), None)
-            fused_key = next((k for k in keys if k.endswith("ffn.proj_up_gate_z.weight")), None)
-            if ffn_key is None and fused_key is None:
-                raise ConvertError("missing tensor(s): backbone.blocks.0.ffn.proj_up.weight")
-            ffn_dim = source.shapes[ffn_key][0] if ffn_key else source.shapes[fused_key][0] // 2
-            zoo_dict = zoo_config_xlstm_large(torch_config, ffn_dim, dtype)
-        else:
-            zoo_dict = zoo_config_neurips(torch_config, dtype)
+        zoo_dict, tokens = map_config(fmt, torch_config, dtype=dtype or _source_dtype(source),
+                                      ffn_dim=0 if fmt == NEURIPS else _ffn_dim(source))
         try:
-            config = load_config(zoo_dict)
+            config = load_config({**zoo_dict, "scan_blocks": False})
         except Exception as exc:  # a source config the zoo cannot express
             raise ConvertError(f"the source config does not map to a valid zoo config: {exc}") from exc
         shapes = _flat_shapes(config)
-        mapping = (mapping_xlstm_large if fmt == XLSTM_LARGE else mapping_neurips)(config, keys)
-        tied = {"lm_head.weight"} if fmt == NEURIPS and config.tie_weights else set()
-        _check_sources(mapping, shapes, source, optional=tied)
-        if tied and "lm_head.weight" in source.shapes and not np.array_equal(
-                source.get("lm_head.weight"), source.get("token_embedding.weight")):
-            raise ConvertError("tensor 'lm_head.weight' differs from 'token_embedding.weight' although the config "
-                               "ties them (tie_weights: true)")
+        mapping = (mapping_neurips if fmt == NEURIPS else mapping_xlstm_large)(config, keys)
+        _check_sources(mapping, shapes, source, optional={HEAD} if config.tie_weights else set())
+        embedding = mapping["token_embedding/embedding"].key
+        if config.tie_weights and HEAD in keys and not np.array_equal(source.get(HEAD), source.get(embedding)):
+            tie = "tie_weights" if fmt == NEURIPS else "tie_word_embeddings"
+            raise ConvertError(f"tensor {HEAD!r} differs from {embedding!r} although the config ties them "
+                               f"({tie}: true); set {tie}: false to keep a separate head")
         flat = {}
         total_bytes = sum(4 * math.prod(shape) for shape in shapes.values())
         for path, expected in shapes.items():
             flat[path] = _read(source, mapping[path], path, expected)
             if progress:
                 progress(path, flat[path].nbytes, len(shapes), total_bytes)
-        params = _unflatten(flat)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".converting-", dir=out_dir.parent))  # same filesystem: rename is atomic
-    try:
-        save(staging / "checkpoint", config, params, extra_metadata={
-            "converted_from": {"format": fmt, "path": str(src_dir), "config": torch_config}})
-        if out_dir.exists():
-            out_dir.rmdir()
-        (staging / "checkpoint").rename(out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    if scan_blocks:
+        config = load_config({**zoo_dict, "scan_blocks": True})
+        flat = stack_blocks(flat, config.num_blocks)
+    metadata: dict[str, Any] = {"converted_from": {"format": fmt, "path": str(src_dir), "config": torch_config}}
+    if tokens:
+        metadata["tokens"] = tokens
+    with _staged(out_dir) as staging:
+        save(staging, config, _unflatten(flat), extra_metadata=metadata)
     return ConversionReport(fmt, out_dir, len(shapes), source.nbytes)
 
 
@@ -450,25 +679,26 @@ def from_torch(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str | N
 
 
 def xlstm_large_config(config: ModelConfig) -> dict[str, Any]:
-    """The ``xLSTMLargeConfig`` fields of an ``mlstm_v1`` zoo model; refuses what the format cannot hold."""
+    """The ``xLSTMLargeConfig`` fields of an ``mlstm_v1`` zoo model; refuses what the format cannot hold.
+
+    A tied head is written as a copy of the embedding (xlstm_large has no tying).
+    """
     layer, cell, ffn = config.layer, config.cell, config.mlstm_block.feedforward
+    if layer.layer_type != "mlstm_v1":
+        _refuse("mlstm_block.mlstm.layer_type", layer.layer_type,
+                "to-torch writes xlstm_large, which holds mlstm_v1 models only")
     checks = [
-        ("mlstm_block.mlstm.layer_type", layer.layer_type, "mlstm_v1"),
         ("norm_type", config.norm_type, "rmsnorm"),
         ("mlstm_block.mlstm.mlstm_cell.norm_type_v1", cell.norm_type_v1, "layernorm"),
         ("mlstm_block.mlstm.mlstm_cell.norm_eps", cell.norm_eps, config.norm_eps),
-        ("tie_weights", config.tie_weights, False),
         ("bias", config.bias, False),
         ("mlstm_block.add_post_norm", config.mlstm_block.add_post_norm, False),
-        ("mlstm_block.mlstm.mlstm_cell.gate_linear_headwise", cell.gate_linear_headwise, False),
+        ("mlstm_block.mlstm.mlstm_cell.add_qk_norm", cell.add_qk_norm, False),
         ("mlstm_block.feedforward", ffn is not None, True),
     ]
     for field, value, required in checks:
         if value != required:
             _refuse(field, value, f"xlstm_large needs {required!r}")
-    for field in ("vmap_qk", "add_qk_norm"):
-        if getattr(layer, field, False):
-            _refuse(f"mlstm_block.mlstm.{field}", True, "xlstm_large has no such option")
     if (ffn.ff_type, ffn.act_fn, ffn.bias) != ("ffn_gated", "swish", False):
         _refuse("mlstm_block.feedforward", f"{ffn.ff_type}/{ffn.act_fn}/bias={ffn.bias}",
                 "xlstm_large's FFN is gated, swish, without bias")
@@ -485,33 +715,57 @@ def xlstm_large_config(config: ModelConfig) -> dict[str, Any]:
     }
 
 
-def to_torch(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Path:
-    """Write an ``mlstm_v1`` zoo checkpoint as ``model.safetensors`` + ``config.yaml`` in xlstm_large format."""
-    import yaml
-    from safetensors.numpy import save_file
+def torch_tensors(config: ModelConfig, params: Any) -> dict[str, np.ndarray]:
+    """The xlstm_large state dict (single weights) of an ``mlstm_v1`` model, each tensor in its param's dtype.
 
-    from zoo.export.checkpoint import load
-
-    out_dir = Path(out).expanduser().resolve()
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise ConvertError(f"{out_dir} is not empty; write into a new directory")
-    config, params = load(checkpoint)
-    if config.layer.layer_type != "mlstm_v1":
-        _refuse("mlstm_block.mlstm.layer_type", config.layer.layer_type, "to-torch writes xlstm_large (mlstm_v1)")
-    if config.logits_soft_cap is None or config.cell.gate_soft_cap is None:
-        _refuse("logits_soft_cap / gate_soft_cap", None, "xlstm_large always soft-caps gates and logits")
-    torch_config = xlstm_large_config(config)
-    flat = {_join(tuple(k.key for k in path)): np.asarray(leaf, np.float32)
-            for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+    Any layout: scanned or per-block params, a tied or separate head.
+    """
+    flat = per_block(config, params)
+    mapping = mapping_xlstm_large(config, set())
+    left = sorted(set(flat) - set(mapping))
+    if left:
+        raise ConvertError(f"zoo parameter(s) xlstm_large has no place for: {', '.join(left[:8])}"
+                           f"{' ...' if len(left) > 8 else ''}")
     tensors: dict[str, np.ndarray] = {}
-    for path, spec in mapping_xlstm_large(config, set()).items():
-        value, key = flat[path], spec.key
+    for path, spec in mapping.items():
+        value = flat[path]
         if spec.transform is transpose:
             value = value.T
         elif spec.transform is not same:  # the head reshape of the multi-head norm
             value = value.reshape(-1)
-        tensors[key] = np.ascontiguousarray(value)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out_dir / "model.safetensors"))
-    (out_dir / "config.yaml").write_text(yaml.safe_dump(torch_config, sort_keys=False))
-    return out_dir
+        tensors[spec.key] = np.ascontiguousarray(value)
+    if config.tie_weights:
+        tensors[HEAD] = tensors["embedding.weight"].copy()
+    return tensors
+
+
+def to_torch(checkpoint: str | os.PathLike, out: str | os.PathLike, *, step: int | None = None) -> TorchExport:
+    """Write step ``step`` (default: the latest) of an ``mlstm_v1`` zoo checkpoint as ``model.safetensors`` +
+    ``config.yaml`` in xlstm_large format, loadable by ``xlstm.xlstm_large.from_pretrained.load_from_pretrained``.
+
+    Raises ``ConvertError`` for a path that is not a zoo checkpoint folder, a step it does not hold,
+    or a config field xlstm_large cannot hold, before anything is written.
+    """
+    import yaml
+    from safetensors.numpy import save_file
+
+    from zoo.export.checkpoint import CheckpointRefused, find_step, load, read_stored
+
+    out_dir = _new_output(out)
+    try:
+        ref = find_step(checkpoint, step, expected=ZOO_CHECKPOINT)
+        stored = read_stored(ref.root, ref.step)[1]
+    except CheckpointRefused as exc:
+        raise ConvertError(str(exc)) from None
+    layer_type = stored.get("mlstm_block", {}).get("mlstm", {}).get("layer_type", "mlstm")
+    if layer_type != "mlstm_v1":  # before reading any parameter
+        _refuse("mlstm_block.mlstm.layer_type", layer_type,
+                "to-torch writes xlstm_large, which holds mlstm_v1 models only")
+    config, params = load(ref.root, step=ref.step)
+    torch_config = xlstm_large_config(config)
+    tensors = torch_tensors(config, params)
+    with _staged(out_dir) as folder:
+        folder.mkdir()
+        save_file(tensors, str(folder / "model.safetensors"))
+        (folder / "config.yaml").write_text(yaml.safe_dump(torch_config, sort_keys=False))
+    return TorchExport(out_dir, str(ref), len(tensors), sum(t.nbytes for t in tensors.values()))

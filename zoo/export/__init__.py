@@ -1,1 +1,1 @@
-"""Artifacts: Orbax checkpoints (and, later, StableHLO and SavedModel exports)."""
+"""Artifacts: Orbax checkpoints, StableHLO and TF SavedModel exports, and the runners that load any of them."""

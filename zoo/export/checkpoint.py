@@ -21,6 +21,7 @@ import shutil
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,126 @@ from zoo.config import ModelConfig
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete, corrupted, or needs plugins that are not installed."""
+
+
+class CheckpointRefused(CheckpointError):
+    """The path, step or parameter tree is not one the call accepts; raised before any array is read or written."""
+
+
+CHECKPOINT = "a zoo checkpoint folder (written by `zoo build` or zoo.save)"
+"""What commands that load a checkpoint expect, in messages."""
+
+
+@dataclass(frozen=True)
+class PathKind:
+    """What a path holds, as far as the zoo is concerned.
+
+    ``kind`` is one of ``checkpoint`` (a folder of Orbax steps), ``step`` (one step folder, ``ck/0``),
+    ``artifact`` (a ``zoo export`` folder with ``manifest.json``; ``format`` names its format),
+    ``torch`` (a PyTorch / Hugging Face folder: ``config.json``/``config.yaml`` and safetensors),
+    ``file`` (any file, such as a config), ``empty`` (an empty folder), ``folder`` (any other folder)
+    or ``missing``.
+    """
+
+    kind: str
+    path: Path
+    format: str | None = None
+    entries: tuple[str, ...] = ()
+
+    @property
+    def found(self) -> str:
+        """What is there, as a phrase for messages ("a `zoo export` artifact (format 'stablehlo')")."""
+        if self.kind == "missing":
+            return "nothing (no such file or folder)"
+        if self.kind == "file":
+            return "a file" + (" (a config? `zoo build` makes a checkpoint of it)" if self.path.suffix == ".json"
+                               else "")
+        if self.kind == "artifact":
+            return f"a `zoo export` artifact (manifest.json, format {self.format!r})"
+        if self.kind == "step":
+            parent = self.path.parent
+            return (f"step folder {self.path.name} of the checkpoint {parent}; pass {parent} with "
+                    f"--step {self.path.name} (step={self.path.name} in Python)")
+        if self.kind == "checkpoint":
+            return "a zoo checkpoint folder"
+        if self.kind == "torch":
+            return "a PyTorch / Hugging Face model folder (config and safetensors); `zoo convert torch` imports it"
+        if self.kind == "empty":
+            return "an empty folder"
+        shown = ", ".join(self.entries[:5]) + (", ..." if len(self.entries) > 5 else "")
+        return f"a folder of other things (it holds {shown})"
+
+    def refuse(self, expected: str) -> CheckpointRefused:
+        """The one-line error for a command that expected ``expected`` here."""
+        return CheckpointRefused(f"{self.path}: expected {expected}; found {self.found}")
+
+
+def classify_path(path: str | os.PathLike) -> PathKind:
+    """What ``path`` holds: a checkpoint, one of its step folders, an export artifact, a PyTorch folder, ...
+
+    Reads only folder listings and ``manifest.json``; see ``PathKind`` for the kinds.
+    """
+    root = _resolve(path)
+    if not root.exists():
+        return PathKind("missing", root)
+    if not root.is_dir():
+        return PathKind("file", root)
+    names = tuple(sorted(child.name for child in root.iterdir()))
+    if "manifest.json" in names:
+        try:
+            fmt = json.loads((root / "manifest.json").read_text()).get("format")
+        except (OSError, ValueError, AttributeError):
+            fmt = "unreadable manifest.json"
+        return PathKind("artifact", root, format=str(fmt))
+    if _holds_steps(root):
+        return PathKind("checkpoint", root)
+    if root.name.isdigit() and _holds_steps(root.parent) and ("_CHECKPOINT_METADATA" in names or "params" in names):
+        return PathKind("step", root)
+    if any(n.startswith("config.") for n in names) and any(n.endswith((".safetensors", ".safetensors.index.json"))
+                                                          for n in names):
+        return PathKind("torch", root)
+    return PathKind("folder" if names else "empty", root, entries=names)
+
+
+def checkpoint_root(directory: str | os.PathLike, expected: str = CHECKPOINT) -> Path:
+    """The resolved checkpoint folder; ``CheckpointRefused`` saying what was expected and found when it is not one."""
+    found = classify_path(directory)
+    if found.kind != "checkpoint":
+        raise found.refuse(expected)
+    return found.path
+
+
+def steps_text(steps: list[int]) -> str:
+    """``[0, 1, 2, 3] -> 'steps 0-3'``, ``[0, 2] -> 'steps 0, 2'``, ``[5] -> 'step 5 only'``."""
+    if len(steps) == 1:
+        return f"step {steps[0]} only"
+    if steps == list(range(steps[0], steps[-1] + 1)):
+        return f"steps {steps[0]}-{steps[-1]}"
+    return "steps " + ", ".join(map(str, steps))
+
+
+@dataclass(frozen=True)
+class StepRef:
+    """One step of a checkpoint: its folder, its number and every step the folder holds."""
+
+    root: Path
+    step: int
+    steps: list[int]
+
+    def __str__(self) -> str:
+        return f"step {self.step} of {self.root} ({steps_text(self.steps)})"
+
+
+def find_step(directory: str | os.PathLike, step: int | None = None, expected: str = CHECKPOINT) -> StepRef:
+    """The given (default: latest) step of a checkpoint folder, read from its listing only.
+
+    Raises ``CheckpointRefused`` when ``directory`` is not a checkpoint folder (saying what it is) or
+    does not hold the step (naming the steps it does hold).
+    """
+    root = checkpoint_root(directory, expected)
+    with _manager(root) as manager:
+        picked = _pick_step(manager, root, step)
+        return StepRef(root, picked, sorted(manager.all_steps()))
 
 
 def _manager(root: Path, create: bool = False) -> ocp.CheckpointManager:
@@ -103,16 +224,16 @@ def _holds_steps(root: Path) -> bool:
 
 
 def save(directory: str | os.PathLike, config: ModelConfig, params: Any,
-         extra_metadata: dict[str, Any] | None = None) -> Path:
+         extra_metadata: dict[str, Any] | None = None, *, force: bool = False) -> Path:
     """Save ``params`` and ``config`` as a new step under ``directory``; returns the step's folder.
 
-    An existing checkpoint directory gets the next step number and keeps its earlier steps; a
-    non-empty directory that is not a checkpoint is refused. ``extra_metadata`` (JSON) is stored
-    with the metadata, e.g. where a converted model came from.
+    An existing checkpoint folder gets the next step number and keeps its earlier steps. Raises
+    ``CheckpointRefused`` for a non-empty folder that is not a checkpoint, and for a checkpoint whose
+    latest step holds another parameter tree (other paths, shapes or dtypes; the message names the
+    first difference) unless ``force``, which adds the step anyway. ``extra_metadata`` (JSON) is
+    stored with the metadata, e.g. where a converted model came from.
     """
-    root = _resolve(directory)
-    if root.exists() and (not root.is_dir() or (any(root.iterdir()) and not _holds_steps(root))):
-        raise CheckpointError(f"{root} exists and is not a checkpoint directory; choose a new or empty one")
+    root = check_save_target(directory, params, force=force)
     with _manager(root, create=True) as manager:
         latest = manager.latest_step()
         step = 0 if latest is None else latest + 1
@@ -131,6 +252,72 @@ def save(directory: str | os.PathLike, config: ModelConfig, params: Any,
             raise CheckpointError(f"saving step {step} to {root} failed, earlier steps are untouched: "
                                   f"{_save_failure(exc)}") from None
     return root / str(step)
+
+
+def tree_layout(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Path (``['blocks_0']['xlstm']...``) -> ``(shape, dtype name)`` of each leaf of ``tree`` (arrays,
+    ``jax.ShapeDtypeStruct``s or Orbax's array metadata)."""
+    return {jax.tree_util.keystr(path): (tuple(leaf.shape), jnp.dtype(leaf.dtype).name)
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _stored_layout(manager: ocp.CheckpointManager, root: Path, step: int) -> dict[str, tuple[tuple[int, ...], str]]:
+    try:
+        return tree_layout(manager.item_metadata(step)["params"].tree)
+    except Exception as exc:  # a damaged or foreign step
+        raise CheckpointError(f"step {step} of {root}: cannot read its parameter layout ({_short(exc)})") from None
+
+
+def param_layout(directory: str | os.PathLike, step: int | None = None) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Path -> ``(shape, dtype name)`` of every parameter a step stores, from Orbax's metadata (no array is read)."""
+    where = find_step(directory, step)
+    with _manager(where.root) as manager:
+        return _stored_layout(manager, where.root, where.step)
+
+
+def tree_difference(stored: dict[str, tuple[tuple[int, ...], str]],
+                    new: dict[str, tuple[tuple[int, ...], str]]) -> str | None:
+    """The first difference between two ``param_layout``-style layouts, in words, or None when they are equal."""
+    for path in [*stored, *(p for p in new if p not in stored)]:
+        if path not in new:
+            return f"params{path} is stored but not in the new params"
+        if path not in stored:
+            return f"params{path} is new (not stored)"
+        (old_shape, old_dtype), (new_shape, new_dtype) = stored[path], new[path]
+        if old_shape != new_shape:
+            return f"params{path} has shape {old_shape} stored, {new_shape} new"
+        if old_dtype != new_dtype:
+            return f"params{path} has dtype {old_dtype} stored, {new_dtype} new"
+    return None
+
+
+def _check_tree(manager: ocp.CheckpointManager, root: Path, latest: int, params: Any) -> None:
+    try:
+        stored = _stored_layout(manager, root, latest)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{exc}; cannot compare it with the new params (--force, force=True saves "
+                              f"anyway)") from None
+    difference = tree_difference(stored, tree_layout(params))
+    if difference is not None:
+        raise CheckpointRefused(f"{root} holds another model: {difference} (step {latest}); save to a new folder, "
+                                f"or force it (--force, force=True) to add step {latest + 1} anyway")
+
+
+def check_save_target(directory: str | os.PathLike, params: Any, *, force: bool = False) -> Path:
+    """The resolved folder ``save`` would write to; raises ``CheckpointRefused`` as ``save`` would, before any work.
+
+    ``params`` may be arrays or ``jax.ShapeDtypeStruct``s (``zoo.param_shapes``).
+    """
+    found = classify_path(directory)
+    if found.kind not in ("missing", "empty", "checkpoint"):
+        raise CheckpointRefused(f"{found.path} is not a checkpoint directory: expected a new or empty folder or "
+                                f"{CHECKPOINT}; found {found.found}")
+    if found.kind == "checkpoint" and not force:
+        with _manager(found.path) as manager:
+            latest = manager.latest_step()
+            if latest is not None:
+                _check_tree(manager, found.path, latest, params)
+    return found.path
 
 
 def _save_failure(exc: BaseException) -> str:
@@ -153,17 +340,49 @@ def _pick_step(manager: ocp.CheckpointManager, root: Path, step: int | None) -> 
     interrupted = [c.name for c in root.iterdir() if "orbax-checkpoint-tmp" in c.name]
     detail = f"; interrupted saves left: {', '.join(interrupted)}" if interrupted else ""
     wanted = "any complete step" if step is None else f"step {step} (steps: {sorted(steps) or 'none'})"
-    raise CheckpointError(f"{root} does not hold {wanted}{detail}")
+    raise CheckpointRefused(f"{root} does not hold {wanted}{detail}")
 
 
-def _missing_plugins(metadata: dict[str, Any]) -> list[str]:
-    missing = []
-    for kind, names in metadata.get("plugins", {}).items():
-        for name, origin in names.items():
-            if name not in registry.available(kind):
-                source = f"{origin.get('dist') or origin.get('plugin')} {origin.get('version') or ''}".strip()
-                missing.append(f"{kind} {name!r} (from {source})")
-    return missing
+@dataclass(frozen=True)
+class PluginStatus:
+    """A plugin a checkpoint was saved with, and what its name resolves to here.
+
+    ``status`` is ``"ok"`` (the same distribution, or the same plugin when it had none), ``"missing"``
+    (no plugin here registers the name) or ``"other"`` (the name now means another distribution's
+    plugin, e.g. one registered with ``override=True``, or it is ambiguous).
+    """
+
+    kind: str
+    name: str
+    recorded: dict[str, Any]
+    status: str
+    here: registry.Registration | None
+
+    def __str__(self) -> str:
+        saved = f"{self.recorded.get('dist') or self.recorded.get('plugin')} {self.recorded.get('version') or ''}"
+        what = f"{self.kind} {self.name!r} (from {saved.strip()}"
+        if self.status == "missing":
+            return f"{what})"
+        return f"{what}; here it means {self.here.origin if self.here else 'several plugins (ambiguous)'})"
+
+
+def plugin_status(metadata: dict[str, Any]) -> list[PluginStatus]:
+    """Each plugin recorded in a checkpoint's metadata, checked against the registry of this process."""
+    rows = []
+    for kind, names in sorted(metadata.get("plugins", {}).items()):
+        for name, recorded in sorted(names.items()):
+            try:
+                here = registry.entry(kind, name)
+            except registry.AmbiguousPluginError:
+                rows.append(PluginStatus(kind, name, recorded, "other", None))
+                continue
+            except registry.UnknownPluginError:
+                rows.append(PluginStatus(kind, name, recorded, "missing", None))
+                continue
+            same = (here.dist == recorded.get("dist") if recorded.get("dist") else
+                    here.dist is None and here.plugin == recorded.get("plugin"))
+            rows.append(PluginStatus(kind, name, recorded, "ok" if same else "other", here))
+    return rows
 
 
 @contextlib.contextmanager
@@ -220,9 +439,17 @@ def read_metadata(directory: str | os.PathLike, step: int | None = None) -> dict
     return _read_json(_resolve(directory), step)[2]
 
 
+def read_stored(directory: str | os.PathLike, step: int | None = None) -> tuple[int, dict[str, Any], dict[str, Any]]:
+    """``(step, config JSON, metadata JSON)`` of the given (default: latest) step, their hashes verified.
+
+    Raises ``CheckpointRefused`` for a path that is not a checkpoint folder or a step it does not
+    hold, ``CheckpointError`` for a damaged step.
+    """
+    return _read_json(_resolve(directory), step)
+
+
 def _read_json(root: Path, step: int | None) -> tuple[int, dict[str, Any], dict[str, Any]]:
-    if not root.is_dir():
-        raise CheckpointError(f"no checkpoint directory at {root}")
+    root = checkpoint_root(root)
     with _manager(root) as manager:
         step = _pick_step(manager, root, step)
         try:
@@ -258,13 +485,17 @@ def load(directory: str | os.PathLike, step: int | None = None, *, dtype: Any = 
 
     root = _resolve(directory)
     step, config_json, metadata = _read_json(root, step)
+    plugins = plugin_status(metadata)
+    missing = [str(p) for p in plugins if p.status == "missing"]
+    other = [str(p) for p in plugins if p.status == "other"]
+    if missing:
+        raise CheckpointError(f"{root} (step {step}) needs plugins that are not installed: {'; '.join(missing)}")
+    if other:
+        raise CheckpointError(f"{root} (step {step}) was saved with plugins whose names now mean other plugins: "
+                              f"{'; '.join(other)}; uninstall the other one or select plugins with ZOO_PLUGINS")
     try:
         config = ModelConfig.model_validate(config_json)
     except ValidationError as exc:
-        missing = _missing_plugins(metadata)
-        if missing:
-            raise CheckpointError(f"{root} (step {step}) needs plugins that are not installed: "
-                                  f"{'; '.join(missing)}") from None
         raise CheckpointError(f"{root} (step {step}) holds an invalid config: {exc}") from None
     if mesh is None:  # one device, whatever the checkpoint was saved on
         shardings = jax.tree_util.tree_map(lambda _: jax.sharding.SingleDeviceSharding(jax.local_devices()[0]),

@@ -64,19 +64,28 @@ def check_request(config: ModelConfig, entries: Sequence[str], platforms: Sequen
 
 
 def make_entries(config: ModelConfig, names: Sequence[str], static: tuple[int, int] | None = None) -> list[Entry]:
-    """The requested entries, with symbolic batch ``b`` and sequence ``s`` unless ``static=(B, S)``."""
+    """The requested entries, with symbolic batch ``b`` and sequence ``s`` unless ``static=(B, S)``.
+
+    ``forward(params, tokens (B, S))`` returns logits ``(B, S, V)``; ``prefill(params, tokens (B, S))`` logits
+    ``(B, S, V)`` and the state; ``step(params, token (B,), state)`` logits ``(B, V)`` and the new state,
+    the contract of ``zoo.forward``, ``zoo.prefill`` and ``zoo.step``.
+    """
     from zoo.api import build
 
     model = build(config)
     b, s = batch_and_sequence(static)
     state = abstract_state(config, b)
     tokens = jax.ShapeDtypeStruct((b, s), jnp.int32)
+
+    def step(p: Any, token: Any, st: Any) -> tuple[Any, Any]:
+        logits, new_state = model.apply({"params": p}, token[:, None], mode="step", state=st)
+        return logits[:, 0], new_state  # (B, V), as zoo.step returns
+
     every = {
         "forward": Entry("forward", lambda p, t: model.apply({"params": p}, t), (tokens,), ("tokens",)),
         "prefill": Entry("prefill", lambda p, t: model.apply({"params": p}, t, mode="prefill"), (tokens,),
                          ("tokens",)),
-        "step": Entry("step", lambda p, t, st: model.apply({"params": p}, t[:, None], mode="step", state=st),
-                      (jax.ShapeDtypeStruct((b,), jnp.int32), state), ("token", "state")),
+        "step": Entry("step", step, (jax.ShapeDtypeStruct((b,), jnp.int32), state), ("token", "state")),
     }
     return [every[name] for name in names]
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ class Artifact:
     vocab_size: int
     entries: frozenset[str]
     static: tuple[int, int] | None = None
+    context_length: int = -1  # the longest prompt (forward or prefill call); <= 0: no limit
     _calls: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def forward(self, tokens: np.ndarray) -> np.ndarray:
@@ -38,26 +40,22 @@ class Artifact:
         return self._calls["step"](token, state)
 
 
-def _checkpoint(path: Path) -> Artifact:
+def _checkpoint(path: Path, step: int | None) -> Artifact:
     import zoo.api
-    from zoo.export.checkpoint import CheckpointError, load
+    from zoo.export.checkpoint import load
 
-    try:
-        config, params = load(path)
-    except CheckpointError as exc:
-        raise CheckpointError(f"{path} has no manifest.json (not a `zoo export` directory) and is not a loadable "
-                              f"checkpoint: {exc}") from exc
+    config, params = load(path, step)
     calls = {
         "forward": lambda t: zoo.api.forward(config, params, t),
         "prefill": lambda t: _as_numpy(zoo.api.prefill(config, params, t)),
         "step": lambda t, s: _as_numpy(zoo.api.step(config, params, t, s)),
     }
-    return Artifact(path, "checkpoint", config.vocab_size, frozenset(calls), _calls=calls)
+    return Artifact(path, "checkpoint", config.vocab_size, frozenset(calls), context_length=config.context_length,
+                    _calls=calls)
 
 
-def _as_numpy(result: tuple[Any, Any], squeeze: bool = False) -> tuple[np.ndarray, Any]:
-    logits = np.asarray(result[0])
-    return (logits[:, 0] if squeeze else logits), result[1]
+def _as_numpy(result: tuple[Any, Any]) -> tuple[np.ndarray, Any]:
+    return np.asarray(result[0]), result[1]
 
 
 def inside(root: Path, name: str) -> Path:
@@ -68,37 +66,59 @@ def inside(root: Path, name: str) -> Path:
     return target
 
 
+def _weights(path: Path, spec: dict[str, Any]) -> Any:
+    """The arrays of a StableHLO artifact's ``weights_file``, in the dtypes and shapes its manifest lists."""
+    import jax
+
+    file = inside(path, spec["file"])
+    try:
+        with np.load(file) as npz:  # never unpickles
+            weights = {p["name"]: npz[p["name"]].view(p["dtype"]) for p in spec["params"]}
+    except (OSError, ValueError, TypeError, KeyError, zipfile.BadZipFile) as exc:
+        raise ExportError(f"{file} does not hold the weights its manifest lists ({type(exc).__name__}: {exc})") from exc
+    for p in spec["params"]:
+        if list(weights[p["name"]].shape) != p["shape"]:
+            raise ExportError(f"{file}: weight {p['name']!r} has shape {list(weights[p['name']].shape)}, "
+                              f"the manifest says {p['shape']}")
+    return jax.device_put(weights)
+
+
 def _stablehlo(path: Path, manifest: dict[str, Any]) -> Artifact:
     import jax
     from jax import export
 
-    if manifest["weights"] != "baked":
-        raise ExportError(f"{path} was exported with --weights separate; zoo run needs baked weights")
+    if manifest["weights"] not in ("file", "baked"):
+        raise ExportError(f"{path} was exported with weights {manifest['weights']!r}; zoo run needs 'file' (the "
+                          "default) or 'baked': export it again")
+    first = (_weights(path, manifest["weights_file"]),) if manifest["weights"] == "file" else ()
     exported = {name: jax.jit(export.deserialize(inside(path, e["file"]).read_bytes()).call)
                 for name, e in manifest["entries"].items()}
-    calls: dict[str, Any] = {"forward": exported.get("forward")}
+    calls: dict[str, Any] = {}
+    if "forward" in exported:
+        calls["forward"] = lambda t: exported["forward"](*first, t)
     if "prefill" in exported:
-        calls["prefill"] = lambda t: _as_numpy(exported["prefill"](t))
+        calls["prefill"] = lambda t: _as_numpy(exported["prefill"](*first, t))
     if "step" in exported:
-        calls["step"] = lambda t, s: _as_numpy(exported["step"](t, s), squeeze=True)
+        calls["step"] = lambda t, s: _as_numpy(exported["step"](*first, t, s))
     static = manifest.get("static_dims")
     return Artifact(path, "stablehlo", manifest["vocab_size"], frozenset(exported),
-                    (static["b"], static["s"]) if static else None, calls)
+                    (static["b"], static["s"]) if static else None, _context_length(manifest), calls)
+
+
+def _context_length(manifest: dict[str, Any]) -> int:
+    return int(manifest.get("config", {}).get("context_length", -1))
 
 
 def _savedmodel(path: Path, manifest: dict[str, Any]) -> Artifact:
-    try:
-        import tensorflow as tf
-    except ImportError as exc:
-        raise ExportError(f"running a SavedModel needs TensorFlow ({exc}); "
-                          "pip install 'xlstm-zoo[savedmodel]'") from exc
+    from zoo.export.savedmodel import import_tensorflow
 
+    tf = import_tensorflow("running a SavedModel")
     loaded = tf.saved_model.load(str(path))
     signatures = {name: loaded.signatures[e["signature"]] for name, e in manifest["entries"].items()}
 
-    def split(result: dict[str, Any], squeeze: bool = False) -> tuple[np.ndarray, dict[str, Any]]:
+    def split(result: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:
         state = {k: v for k, v in result.items() if k.startswith("state_")}
-        return _as_numpy((result["logits"].numpy(), state), squeeze)
+        return _as_numpy((result["logits"].numpy(), state))
 
     calls: dict[str, Any] = {}
     if "forward" in signatures:
@@ -106,24 +126,34 @@ def _savedmodel(path: Path, manifest: dict[str, Any]) -> Artifact:
     if "prefill" in signatures:
         calls["prefill"] = lambda t: split(signatures["prefill"](tokens=tf.constant(t)))
     if "step" in signatures:
-        calls["step"] = lambda t, state: split(signatures["step"](token=tf.constant(t), **state), squeeze=True)
-    return Artifact(path, "savedmodel", manifest["vocab_size"], frozenset(signatures), _calls=calls)
+        calls["step"] = lambda t, state: split(signatures["step"](token=tf.constant(t), **state))
+    return Artifact(path, "savedmodel", manifest["vocab_size"], frozenset(signatures),
+                    context_length=_context_length(manifest), _calls=calls)
 
 
-def open_artifact(path: str | os.PathLike) -> Artifact:
-    """Load an export directory (by its ``manifest.json``) or an Orbax checkpoint directory."""
+def open_artifact(path: str | os.PathLike, step: int | None = None) -> Artifact:
+    """Load an export directory (by its ``manifest.json``) or the given (default: latest) step of a checkpoint.
+
+    Raises ``CheckpointRefused`` for a path of another kind (saying what it is) and for ``step`` on an
+    export directory.
+    """
+    from zoo.export.checkpoint import CHECKPOINT, CheckpointRefused, classify_path
+
     root = Path(path).expanduser().resolve()
     manifest_path = root / "manifest.json"
     if manifest_path.is_file():
+        if step is not None:
+            raise CheckpointRefused(f"{root}: --step selects a step of a checkpoint; this is a `zoo export` artifact")
         manifest = json.loads(manifest_path.read_text())
         loaders = {"stablehlo": _stablehlo, "savedmodel": _savedmodel}
         if manifest.get("format") not in loaders:
             raise ExportError(f"{manifest_path} names format {manifest.get('format')!r}; zoo run knows "
                               f"{', '.join(loaders)} and Orbax checkpoints")
         return loaders[manifest["format"]](root, manifest)
-    if not root.is_dir():
-        raise ExportError(f"{root} is not a directory; give a `zoo export` or `zoo build` output directory")
-    return _checkpoint(root)
+    found = classify_path(root)
+    if found.kind != "checkpoint":
+        raise found.refuse(f"a `zoo export` artifact folder or {CHECKPOINT}")
+    return _checkpoint(root, step)
 
 
 def greedy(artifact: Artifact, prompt: Sequence[int], max_new_tokens: int) -> tuple[np.ndarray, list[int]]:
@@ -131,8 +161,22 @@ def greedy(artifact: Artifact, prompt: Sequence[int], max_new_tokens: int) -> tu
 
     Uses ``prefill`` then ``step`` where the artifact has them, else reruns ``forward`` on the
     growing sequence. A static-shape artifact needs a prompt of exactly its sequence length and,
-    without ``step``, continues by one token.
+    without ``step``, continues by one token. Raises ``ExportError`` (one line) for a prompt id outside
+    ``[0, vocab_size)`` and for a prompt longer than the config's ``context_length``, which bounds each
+    forward or prefill call (decoding with ``step`` may go past it; a forward rerun may not).
     """
+    outside = [t for t in prompt if not 0 <= t < artifact.vocab_size]
+    if outside:
+        raise ExportError(f"prompt id {outside[0]} is outside the vocabulary of {artifact.path}: valid ids are 0 "
+                          f"to {artifact.vocab_size - 1}")
+    limit = artifact.context_length
+    stateful = {"prefill", "step"} <= artifact.entries
+    longest = len(prompt) + (0 if stateful or artifact.static else max_new_tokens - 1)
+    if 0 < limit < longest:
+        raise ExportError(f"{artifact.path}: context_length={limit} bounds each forward or prefill call (decoding "
+                          f"with step may go past it); the prompt has {len(prompt)} tokens"
+                          + ("" if longest == len(prompt) else
+                             f", and without a step entry forward reruns on up to {longest}"))
     batch = 1
     if artifact.static is not None:
         batch, length = artifact.static
@@ -140,7 +184,6 @@ def greedy(artifact: Artifact, prompt: Sequence[int], max_new_tokens: int) -> tu
             raise ExportError(f"{artifact.path} has static shapes (batch {batch}, sequence {length}); "
                               f"give exactly {length} prompt ids (got {len(prompt)})")
     tokens = np.tile(np.asarray([prompt], np.int32), (batch, 1))
-    stateful = {"prefill", "step"} <= artifact.entries
     if stateful:
         logits, state = artifact.prefill(tokens)
     elif "forward" in artifact.entries:

@@ -5,9 +5,10 @@ listed in ``manifest.json``)::
 
     serving_default(tokens int32 [B, S])                  -> logits [B, S, V]
     prefill(tokens int32 [B, S])                          -> logits [B, S, V], state_c, state_n, ...
-    step(token int32 [B], state_c, state_n, ...)          -> logits [B, 1, V], state_c, state_n, ...
+    step(token int32 [B], state_c, state_n, ...)          -> logits [B, V], state_c, state_n, ...
 
 The artifact needs only TensorFlow: ``tf.saved_model.load(DIR).signatures["step"](token=..., ...)``.
+All signatures read one set of variables: the weights are stored once, in their own dtypes.
 """
 
 from __future__ import annotations
@@ -27,6 +28,20 @@ from zoo.export.entries import (ENTRIES, PLATFORMS, ExportError, check_request, 
 from zoo.registry import hookimpl
 
 SIGNATURE_OF_ENTRY = {"forward": "serving_default", "prefill": "prefill", "step": "step"}
+
+
+def import_tensorflow(why: str) -> Any:
+    """TensorFlow, imported without its start-up log lines (oneDNN, CPU features) unless the caller asked for them
+    by setting ``TF_CPP_MIN_LOG_LEVEL`` or ``TF_ENABLE_ONEDNN_OPTS``. Raises ExportError, naming ``why``, when
+    TensorFlow is not installed."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # The oneDNN notice ignores the log level. jax2tf runs the model in XLA, not in TF's oneDNN kernels.
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+    try:
+        import tensorflow as tf
+    except ImportError as exc:
+        raise ExportError(f"{why} needs TensorFlow ({exc}); pip install 'xlstm-zoo[savedmodel]'") from exc
+    return tf
 
 
 def _shape_spec(shape: Sequence[Any]) -> str:
@@ -68,18 +83,22 @@ def _serving_fn(converted: Any, module: Any, name: str) -> Any:
 
 def export_savedmodel(config: ModelConfig, params: Any, out_dir: str | os.PathLike, *,
                       platforms: Sequence[str] = PLATFORMS, entries: Sequence[str] = ENTRIES,
-                      weights: str | None = None, static: tuple[int, int] | None = None) -> Path:
-    """Write a SavedModel with one signature per entry (``forward`` is ``serving_default``) and a manifest."""
+                      weights: str | None = None, static: tuple[int, int] | None = None, mlir: bool = False) -> Path:
+    """Write a SavedModel with one signature per entry (``forward`` is ``serving_default``) and a manifest.
+
+    The params become one set of ``tf.Variable``s, in their own dtypes, read by every signature. Raises
+    ``ExportError`` for weights other than ``"variables"``, for ``static`` or ``mlir`` (StableHLO options),
+    for an unknown entry or platform, and when TensorFlow is not installed.
+    """
     if weights not in (None, "variables"):
         raise ExportError(f"savedmodel stores params as tf.Variables (weights 'variables'); got {weights!r}")
     if static is not None:
         raise ExportError("savedmodel signatures are polymorphic in batch and sequence; --static applies to stablehlo")
+    if mlir:
+        raise ExportError("savedmodel has no .mlir text to write; --mlir applies to stablehlo")
     check_request(config, entries, platforms)
-    try:
-        import tensorflow as tf
-        from jax.experimental import jax2tf
-    except ImportError as exc:
-        raise ExportError(f"savedmodel export needs TensorFlow ({exc}); pip install 'xlstm-zoo[savedmodel]'") from exc
+    tf = import_tensorflow("savedmodel export")
+    from jax.experimental import jax2tf
 
     out = new_directory(out_dir)
     module = tf.Module()

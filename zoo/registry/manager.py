@@ -7,6 +7,7 @@ import importlib
 import importlib.metadata
 import logging
 import os
+import re
 import sys
 import traceback
 from collections.abc import Iterable, Mapping
@@ -21,8 +22,13 @@ from .hookspecs import HOOK_BY_KIND, KINDS, PROJECT
 ENTRY_POINT_GROUP = "zoo"
 BUILTIN_DIST = "xlstm-zoo"
 TRUE = {"1", "true", "yes"}
+_NON_ALNUM = re.compile(r"[-_.]+")
 
 _log = logging.getLogger("zoo.plugins")
+
+
+def _origin(plugin: str, dist: str | None, version: str | None) -> str:
+    return f"{plugin} ({dist} {version or '?'})" if dist else plugin
 
 
 class PluginError(Exception):
@@ -75,9 +81,7 @@ class Registration:
     @property
     def origin(self) -> str:
         """Human-readable origin: plugin name plus distribution and version."""
-        if self.dist:
-            return f"{self.plugin} ({self.dist} {self.version or '?'})"
-        return self.plugin
+        return _origin(self.plugin, self.dist, self.version)
 
 
 @dataclass
@@ -98,10 +102,27 @@ class PluginInfo:
         """True when the plugin loaded and registered without error."""
         return self.error is None
 
+    @property
+    def key(self) -> tuple[str | None, str]:
+        """``(distribution, name)``: what tells two plugins apart (two distributions may share an
+        entry-point name); the key of :attr:`PluginRegistry.plugins`."""
+        return (self.dist, self.name)
+
+    @property
+    def qualified_name(self) -> str:
+        """``dist:name``, or the name alone when there is no distribution (the name pluggy knows it by)."""
+        return f"{self.dist}:{self.name}" if self.dist else self.name
+
+    @property
+    def origin(self) -> str:
+        """Human-readable origin: plugin name plus distribution and version."""
+        return _origin(self.name, self.dist, self.version)
+
     def as_dict(self) -> dict[str, Any]:
         """JSON-friendly view."""
         return {
             "name": self.name,
+            "qualified_name": self.qualified_name,
             "dist": self.dist,
             "version": self.version,
             "entry_point": self.entry_point,
@@ -114,6 +135,17 @@ class PluginInfo:
 
 def _short_traceback(exc: BaseException, limit: int = 6) -> str:
     return "".join(traceback.format_exception(exc, limit=-limit)).rstrip()
+
+
+def _one_line(exc: BaseException) -> str:
+    """``Type: message`` on one line (pluggy's messages span several)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {'; '.join(lines)}"
+
+
+def _same_name(a: str | None, b: str) -> bool:
+    """Whether two distribution names are the same once normalised (PEP 503: ``-``, ``_``, ``.`` and case)."""
+    return a is not None and _NON_ALNUM.sub("-", a).lower() == _NON_ALNUM.sub("-", b).lower()
 
 
 @dataclass(frozen=True)
@@ -147,10 +179,6 @@ class Conflict:
         others = ", ".join(repr(r.qualified_name) for r in self.registrations if r is not winner)
         return (f"{self.kind} {self.name!r} is registered by {who}; the name means {winner.qualified_name!r} "
                 f"({why}), the others stay reachable as {others}")
-
-
-def _short_traceback(exc: BaseException, limit: int = 6) -> str:
-    return "".join(traceback.format_exception(exc, limit=-limit)).rstrip()
 
 
 def _start_tracing(pm: pluggy.PluginManager) -> None:
@@ -195,7 +223,7 @@ class PluginRegistry:
         if self.trace:
             _start_tracing(self.pm)
         self._entries: dict[str, dict[str, list[Registration]]] = {kind: {} for kind in KINDS}
-        self.plugins: dict[str, PluginInfo] = {}
+        self.plugins: dict[tuple[str | None, str], PluginInfo] = {}  # by PluginInfo.key
         if builtins:
             self._load_builtins()
         if autoload is None:
@@ -218,31 +246,56 @@ class PluginRegistry:
                 raise PluginError(f"built-in plugin {module_name} failed: {info.error}")
 
     def load_entry_points(self, allowlist: Iterable[str] | None = None) -> None:
-        """Load every plugin of the ``zoo`` entry-point group, one at a time, keeping failures."""
-        wanted = set(allowlist) if allowlist is not None else None
-        seen: set[str] = set()
-        for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-            dist = ep.dist.metadata["Name"] if ep.dist is not None else None
-            version = ep.dist.version if ep.dist is not None else None
-            if wanted is not None and not ({ep.name, dist} & wanted):
-                continue
-            seen.update({ep.name, dist})
+        """Load every plugin of the ``zoo`` entry-point group, one at a time, keeping failures.
+
+        Each item of ``allowlist`` names a distribution (``-``, ``_`` and ``.`` spelt alike), one entry
+        point of one distribution (``dist:entry``), or a bare entry-point name. An item that selects
+        nothing, or a bare name that selects plugins of several distributions (none of which is then
+        loaded), is recorded as a failed plugin of that name that says why.
+        """
+        found = [(ep, ep.dist.metadata["Name"] if ep.dist is not None else None,
+                  ep.dist.version if ep.dist is not None else None)
+                 for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)]
+        if allowlist is not None:
+            found = self._allowed(found, allowlist)
+        for ep, dist, version in found:
             spec = f"{ep.name} = {ep.value}"
             if self.trace:
                 _log.info("loading entry point %s from %s %s", spec, dist, version)
             try:
                 obj = ep.load()
             except Exception as exc:  # any import-time failure is the plugin's, not ours
-                self.plugins[ep.name] = PluginInfo(
-                    ep.name, dist, version, spec,
-                    error=f"failed to import: {type(exc).__name__}: {exc}",
-                    traceback=_short_traceback(exc))
+                info = PluginInfo(ep.name, dist, version, spec, error=f"failed to import: {_one_line(exc)}",
+                                  traceback=_short_traceback(exc))
+                self.plugins.setdefault(info.key, info)
                 continue
             self.add_plugin(obj, ep.name, dist=dist, version=version, entry_point=spec)
-        for missing in sorted((wanted or set()) - seen):
-            self.plugins[missing] = PluginInfo(
-                missing, error="requested (ZOO_PLUGINS or an explicit load) but no installed plugin or "
-                "distribution has that name")
+
+    def _allowed(self, found: list[tuple[Any, str | None, str | None]],
+                 allowlist: Iterable[str]) -> list[tuple[Any, str | None, str | None]]:
+        """The entries of ``found`` that ``allowlist`` selects; records the items it cannot use."""
+        chosen: set[int] = set()
+        for item in dict.fromkeys(allowlist):
+            dist_name, _, ep_name = item.rpartition(":")
+            if dist_name:
+                matches = [i for i, (ep, dist, _) in enumerate(found)
+                           if ep.name == ep_name and _same_name(dist, dist_name)]
+            else:
+                matches = [i for i, (ep, dist, _) in enumerate(found) if ep.name == item or _same_name(dist, item)]
+            dists = list(dict.fromkeys(f"{found[i][1]} {found[i][2] or '?'}" for i in matches))
+            error = None
+            if not matches:
+                error = "no installed plugin or distribution has that name"
+            elif len(dists) > 1:
+                qualified = " or ".join(repr(f"{found[i][1]}:{found[i][0].name}") for i in matches)
+                error = (f"entry points of {len(dists)} distributions have that name: {' and '.join(dists)}; "
+                         f"none of them was loaded; name one as {qualified}")
+            if error:
+                info = PluginInfo(item, error=f"requested (ZOO_PLUGINS or an explicit load) but {error}")
+                self.plugins[info.key] = info
+            else:
+                chosen.update(matches)
+        return [entry for i, entry in enumerate(found) if i in chosen]
 
     def add_plugin(
         self,
@@ -254,13 +307,26 @@ class PluginRegistry:
         entry_point: str | None = None,
         builtin: bool = False,
     ) -> PluginInfo:
-        """Register ``obj``'s hooks and collect its registrations; failures are recorded, not raised."""
+        """Register ``obj``'s hooks and collect its registrations; failures are recorded, not raised.
+
+        Plugins are told apart by ``(dist, name)`` (:attr:`PluginInfo.key`): two distributions may
+        use one name. A second plugin of the same key, or an object that is already loaded under
+        another key, is refused; the refusal is returned but not recorded over the loaded plugin.
+        """
         info = PluginInfo(name, dist, version, entry_point, builtin)
-        self.plugins[name] = info
+        if info.key in self.plugins:
+            info.error = f"PluginError: {info.origin} is already loaded"
+            return info
+        self.plugins[info.key] = info
+        taken = self.pm.get_name(obj)
+        if taken is not None:
+            same = next((p.origin for p in self.plugins.values() if p.qualified_name == taken), taken)
+            info.error = f"PluginError: {info.origin} is the object already loaded as {same}"
+            return info
         try:
-            self.pm.register(obj, name=name)
+            self.pm.register(obj, name=info.qualified_name)
         except Exception as exc:
-            info.error = f"{type(exc).__name__}: {exc}"
+            info.error = _one_line(exc)
             info.traceback = _short_traceback(exc)
             return info
         try:
@@ -269,7 +335,7 @@ class PluginRegistry:
             self._check_conflicts(pending)
         except Exception as exc:
             self.pm.unregister(obj)
-            info.error = f"{type(exc).__name__}: {exc}"
+            info.error = _one_line(exc)
             info.traceback = _short_traceback(exc)
             return info
         for reg in pending:
@@ -301,7 +367,8 @@ class PluginRegistry:
                 raise ContractError(f"{kind} {name!r} from {info.name}: {exc}") from None
             reg = Registration(kind, name, obj, info.name, info.dist, info.version, metadata, info.builtin)
             if self.trace:
-                _log.info("%s registered %s %r%s", info.name, kind, name, " (override)" if reg.override else "")
+                _log.info("%s registered %s %r%s", info.qualified_name, kind, name,
+                          " (override)" if reg.override else "")
             pending.append(reg)
 
         return register
@@ -339,7 +406,7 @@ class PluginRegistry:
         table = self._table(kind)
         if ":" in name:
             namespace, bare = name.split(":", 1)
-            return next((r for r in table.get(bare, []) if r.namespace == namespace), None)
+            return next((r for r in table.get(bare, []) if _same_name(r.namespace, namespace)), None)
         regs = table.get(name, [])
         if len(regs) <= 1:
             return regs[0] if regs else None
@@ -360,7 +427,7 @@ class PluginRegistry:
             message += f". Did you mean {close[0]!r}?"
         failed = [p for p in self.plugins.values() if not p.ok]
         if failed:
-            message += ". Plugins that failed to load: " + "; ".join(f"{p.name} ({p.error})" for p in failed)
+            message += ". Plugins that failed to load: " + "; ".join(f"{p.origin} ({p.error})" for p in failed)
         raise UnknownPluginError(message)
 
     def resolve(self, kind: str, name: str) -> Any:
@@ -380,6 +447,16 @@ class PluginRegistry:
                 if len(regs) > 1:
                     found.append(Conflict(kind, name, tuple(regs)))
         return found
+
+    def shared_entry_points(self) -> list[str]:
+        """One line per entry-point name that several distributions use: both load, told apart by distribution."""
+        by_name: dict[str, list[PluginInfo]] = {}
+        for info in self.plugins.values():
+            if info.entry_point is not None:
+                by_name.setdefault(info.name, []).append(info)
+        return [f"entry point {name!r} is used by {' and by '.join(p.origin for p in infos)}; each is loaded as "
+                f"its own plugin ({', '.join(p.qualified_name for p in infos)})"
+                for name, infos in sorted(by_name.items()) if len(infos) > 1]
 
     def failures(self) -> list[PluginInfo]:
         """Plugins that failed to import or register."""

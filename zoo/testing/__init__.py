@@ -43,18 +43,20 @@ def isolated_registry(*plugins: Any) -> Iterator[PluginRegistry]:
     """A registry of the built-ins plus only ``plugins``, active process-wide inside the block.
 
     Each plugin is an object or module with hook implementations, or the name of an installed
-    entry point or distribution (loaded through the ``zoo`` entry-point group). A plugin that
-    fails to load fails the block with its error, so a test never runs against a partial registry.
+    distribution, of one of its entry points (``dist:entry``) or of an entry point (loaded through
+    the ``zoo`` entry-point group; a name that entry points of several distributions share is
+    refused). A plugin that fails to load raises ``AssertionError`` with its error, so a test never
+    runs against a partial registry.
     """
     registry = PluginRegistry(autoload=False)
     names = [p for p in plugins if isinstance(p, str)]
     if names:
         registry.load_entry_points(names)
-    for plugin in plugins:
-        if not isinstance(plugin, str):
-            registry.add_plugin(plugin, getattr(plugin, "__name__", type(plugin).__name__))
-    failed = registry.failures()
+    added = [registry.add_plugin(plugin, getattr(plugin, "__name__", type(plugin).__name__))
+             for plugin in plugins if not isinstance(plugin, str)]
+    # add_plugin returns, without recording, the refusal of a plugin whose key is taken
+    failed = registry.failures() + [i for i in added if not i.ok and registry.plugins.get(i.key) is not i]
     if failed:
-        raise AssertionError("plugins failed to load: " + "; ".join(f"{p.name}: {p.error}" for p in failed))
+        raise AssertionError("plugins failed to load: " + "; ".join(f"{p.origin}: {p.error}" for p in failed))
     with use_registry(registry):
         yield registry

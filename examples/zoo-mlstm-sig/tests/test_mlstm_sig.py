@@ -46,7 +46,7 @@ def rel(a, b):
 
 
 def test_the_plugin_registers_through_its_entry_point(registry):
-    info = registry.plugins["mlstm-sig"]
+    info = registry.plugins[(DIST, "mlstm-sig")]
     assert info.ok and info.dist == DIST and info.version == "0.1.0"
     assert info.registered == {"norm": ["rmsnorm_offset"], "cell": ["parallel_sig", "chunkwise_sig", "recurrent_sig"]}
 

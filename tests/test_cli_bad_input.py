@@ -1,0 +1,111 @@
+"""Bad values on the command line give one line on stderr and exit code 2, never a traceback; ``generate`` and
+``run`` share one vocabulary of flags. In-process (Typer's runner), on a tiny saved checkpoint."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+import zoo
+import zoo.generate
+from test_prompt_rules import CONTEXT, SPEC, V
+from zoo import cli
+
+
+def invoke(*args: str):
+    widths = cli.out.width, cli.err.width
+    cli.out.width = cli.err.width = cli.UNBOUNDED_WIDTH  # fixed when zoo.cli was imported; pytest -s may be a tty
+    try:
+        result = CliRunner().invoke(cli.app, [str(a) for a in args])
+    finally:
+        cli.out.width, cli.err.width = widths
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result
+
+
+def refused(result, *texts: str) -> None:
+    """Exit 2 with exactly one line on stderr that holds every one of ``texts``."""
+    assert result.exit_code == 2, result.stdout + result.stderr
+    lines = result.stderr.splitlines()
+    assert len([line for line in lines if not line.startswith("loaded step")]) == 1, result.stderr
+    for text in texts:
+        assert text in lines[-1], result.stderr
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    config = zoo.load_config(SPEC)
+    params = zoo.init_params(config)
+    path = tmp_path_factory.mktemp("prompt") / "ck"
+    zoo.save(path, config, params)
+    return path, config, params
+
+
+def top_logits(config, params, prompt, count):
+    """The next-token logits after ``prompt`` by the parallel forward (generate and run decode with other backends)."""
+    last = np.asarray(zoo.forward(config, params, [prompt]))[0, -1]
+    best = np.argsort(-last, kind="stable")[:count]
+    return "logits:    " + "  ".join(f"{i}: {last[i]:.4f}" for i in best)
+
+
+@pytest.mark.slow
+def test_generate_and_run_take_a_prompt_of_context_length_and_refuse_one_more(checkpoint):
+    path, config, params = checkpoint
+    prompt = [3, 1, 4, 1, 5, 9][:CONTEXT]
+    ids = ",".join(map(str, prompt))
+    expected = top_logits(config, params, prompt, 2)
+    for command in ("generate", "run"):
+        ok = invoke(command, path, "--prompt-ids", ids, "--max-new-tokens", "3", "--show-logits", "2")
+        assert ok.exit_code == 0, ok.stderr
+        assert expected in ok.stdout.splitlines(), (command, ok.stdout)
+        generated = next(line for line in ok.stdout.splitlines() if line.startswith("generated:"))
+        assert len(generated.split()) == 4
+        refused(invoke(command, path, "--prompt-ids", ids + ",2"), f"context_length={CONTEXT}")
+
+
+@pytest.mark.parametrize("command", ["generate", "run"])
+@pytest.mark.parametrize("ids, texts", [
+    (f"1,{V}", [f"id {V}", f"0 to {V - 1}"]),
+    ("1,-1", ["id -1", f"0 to {V - 1}"]),
+    ("", ["--prompt-ids needs comma-separated integers"]),
+    ("1,,2", ["--prompt-ids needs comma-separated integers", "'1,,2'"]),
+    ("1.5", ["--prompt-ids needs comma-separated integers"]),
+])
+def test_bad_prompt_ids_are_one_line(checkpoint, command, ids, texts):
+    refused(invoke(command, checkpoint[0], "--prompt-ids", ids), *texts)
+
+
+def test_bad_sampling_values_and_the_renamed_flag(checkpoint):
+    path = checkpoint[0]
+    refused(invoke("generate", path, "--prompt-ids", "1", "--temperature", "inf"), "temperature must be a finite")
+    for args in (("generate", path, "--prompt-ids", "1", "--seed", 2**32), ("build", "tiny", "--seed", -1),
+                 ("run", path, "--prompt-ids", "1", "--top", "3")):  # `run --top N` is now `--show-logits N`
+        result = invoke(*args)
+        assert result.exit_code == 2 and "Traceback" not in result.stderr, result.stderr
+        assert ("--seed" if "--seed" in args else "No such option: --top") in result.stderr
+
+
+@pytest.mark.parametrize("lengths, text", [
+    ("abc", "--seq-lens needs comma-separated integers"), ("", "--seq-lens needs comma-separated integers"),
+    ("1,,7", "--seq-lens needs comma-separated integers"), ("0", "at least 1, got 0"), ("7,-3", "at least 1, got -3"),
+])
+def test_check_backends_refuses_bad_sequence_lengths(lengths, text):
+    refused(invoke("check-backends", "--seq-lens", lengths), text)
+
+
+def test_a_static_export_longer_than_context_length_is_refused(checkpoint, tmp_path):
+    refused(invoke("export", checkpoint[0], "--out", tmp_path / "x", "--static", f"1,{CONTEXT + 1}"),
+            f"--static 1,{CONTEXT + 1}: sequence size {CONTEXT + 1} exceeds context_length={CONTEXT}")
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32])
+def test_seeds_that_would_alias_or_overflow_are_refused(seed):
+    # jax.random.PRNGKey(2**32) is the key of seed 0, and 2**64 overflows
+    config = zoo.load_config(SPEC)
+    with pytest.raises(ValueError, match=rf"seed must be in \[0, 2\*\*32\), got {seed}"):
+        zoo.init_params(config, seed=seed)
+    with pytest.raises(ValueError, match=rf"seed must be in \[0, 2\*\*32\), got {seed}"):
+        zoo.generate.generate(config, {}, [[1]], 1, seed=seed)

@@ -1,0 +1,246 @@
+"""``zoo info``: what a checkpoint, an export artifact or a config holds, as one JSON-ready dict.
+
+The dict's layout is documented in ``docs/info.md`` (``SCHEMA_VERSION``); scripts read it, so
+fields are only ever added. Nothing here reads parameter arrays: checkpoint parameters are
+described from Orbax's stored metadata, others from the config with ``jax.eval_shape``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+
+SCHEMA_VERSION = 1
+EXPECTED = "a zoo checkpoint folder, a `zoo export` artifact folder, a config file or a preset name"
+
+
+def describe(source: str | os.PathLike, step: int | None = None) -> dict[str, Any]:
+    """Describe a checkpoint folder (its latest step, or ``step``), an export artifact, a config file or a preset.
+
+    Raises ``CheckpointRefused`` for a path of another kind (naming what it is), for ``step`` on
+    anything but a checkpoint and for a step the checkpoint does not hold; ``CheckpointError`` for
+    a damaged step; ``ExportError`` for an unreadable manifest or one without a config;
+    ``ConfigSourceError`` / ``pydantic.ValidationError`` for an unreadable or invalid config file.
+    The dict: docs/info.md.
+    """
+    from zoo import presets
+    from zoo.export.checkpoint import CheckpointRefused, classify_path
+
+    found = classify_path(source)
+    if found.kind == "missing" and str(source) in presets.names():
+        kind = "preset"
+    elif found.kind in ("checkpoint", "artifact", "file"):
+        kind = found.kind
+    else:
+        raise found.refuse(EXPECTED)
+    if step is not None and kind != "checkpoint":
+        raise CheckpointRefused(f"{source}: --step selects a checkpoint step; this is not a checkpoint but "
+                                f"{'a preset' if kind == 'preset' else found.found}")
+    if kind == "checkpoint":
+        return _checkpoint(found.path, step)
+    if kind == "artifact":
+        return _artifact(found.path)
+    return _config(str(source), None if kind == "preset" else found.path)
+
+
+def _base(kind: str, path: Path | None, config_json: dict[str, Any]) -> dict[str, Any]:
+    return {"schema_version": SCHEMA_VERSION, "kind": kind, "path": None if path is None else str(path),
+            "architecture": architecture(config_json)}
+
+
+def architecture(config_json: dict[str, Any]) -> dict[str, Any]:
+    """The headline sizes of a full config dump (``ModelConfig.model_dump(mode="json")``, or one a checkpoint or
+    manifest stores), read from the JSON so that it works even when a plugin the config names is missing."""
+    layer = config_json.get("mlstm_block", {}).get("mlstm", {})
+    return {
+        "layer_type": layer.get("layer_type"),
+        "num_blocks": config_json.get("num_blocks"),
+        "embedding_dim": config_json.get("embedding_dim"),
+        "num_heads": layer.get("num_heads"),
+        "vocab_size": config_json.get("vocab_size"),
+        "context_length": config_json.get("context_length"),
+        "dtype": config_json.get("dtype"),
+        "lm_head_dtype": config_json.get("lm_head_dtype"),
+        "tie_weights": config_json.get("tie_weights"),
+        "scan_blocks": config_json.get("scan_blocks"),
+    }
+
+
+def parameters(layout: dict[str, tuple[tuple[int, ...], str]], source: str) -> dict[str, Any]:
+    """Count and bytes in total and per dtype, from ``path -> (shape, dtype name)``."""
+    by_dtype: dict[str, dict[str, int]] = {}
+    for shape, dtype in layout.values():
+        count = math.prod(shape)
+        entry = by_dtype.setdefault(dtype, {"count": 0, "bytes": 0})
+        entry["count"] += count
+        entry["bytes"] += count * jnp.dtype(dtype).itemsize
+    return {"source": source, "count": sum(e["count"] for e in by_dtype.values()),
+            "bytes": sum(e["bytes"] for e in by_dtype.values()), "by_dtype": dict(sorted(by_dtype.items()))}
+
+
+def _config_layout(config: Any) -> dict[str, tuple[tuple[int, ...], str]]:
+    from zoo.api import param_shapes
+    from zoo.export.checkpoint import tree_layout
+
+    return tree_layout(param_shapes(config))
+
+
+def _plugins_of(config: Any) -> list[dict[str, Any]]:
+    from zoo import registry
+
+    rows = []
+    for kind, names in config.plugins_used().items():
+        for name in names:
+            e = registry.entry(kind, name)
+            rows.append({"kind": kind, "name": name, "plugin": e.plugin, "dist": e.dist, "version": e.version,
+                         "installed": True, "installed_version": e.version, "installed_as": None})
+    return rows
+
+
+def _recorded_plugins(metadata: dict[str, Any]) -> list[dict[str, Any]]:
+    from zoo.export.checkpoint import plugin_status
+
+    return [{"kind": p.kind, "name": p.name, "plugin": p.recorded.get("plugin"), "dist": p.recorded.get("dist"),
+             "version": p.recorded.get("version"), "installed": p.status == "ok",
+             "installed_version": p.here.version if p.status == "ok" else None,
+             "installed_as": None if p.status == "ok" else p.here.origin if p.here else None}
+            for p in plugin_status(metadata)]
+
+
+def _suffixed(record: dict[str, Any], suffix: str) -> dict[str, Any]:
+    """``{"jax_version": "0.10"} -> {"jax": "0.10"}`` for string fields ending in ``suffix``."""
+    return {k.removesuffix(suffix): v for k, v in sorted(record.items())
+            if k.endswith(suffix) and isinstance(v, str)}
+
+
+def _disk_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def _validated(config_json: dict[str, Any]) -> tuple[Any, str | None]:
+    """The validated config, or None and the first error (a plugin that is not installed, say)."""
+    from pydantic import ValidationError
+
+    from zoo.config import ModelConfig
+
+    try:
+        return ModelConfig.model_validate(config_json), None
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        return None, f"{'.'.join(map(str, first['loc'])) or '(top level)'}: {first['msg']}"
+
+
+def _checkpoint(root: Path, step: int | None) -> dict[str, Any]:
+    from zoo.export.checkpoint import find_step, param_layout, read_stored
+
+    where = find_step(root, step)
+    _, config_json, metadata = read_stored(root, where.step)
+    config, error = _validated(config_json)
+    info = _base("checkpoint", root, config_json)
+    info.update({
+        "steps": where.steps,
+        "step": where.step,
+        "parameters": parameters(param_layout(root, where.step), "stored"),
+        "plugins": _recorded_plugins(metadata) if "plugins" in metadata
+        else _plugins_of(config) if config is not None else [],
+        "config_error": error,
+        "versions": _suffixed(metadata, "_version"),
+        "hashes": _suffixed(metadata, "_sha256"),
+        "disk_bytes": _disk_bytes(root / str(where.step)),
+    })
+    return info
+
+
+def _artifact(root: Path) -> dict[str, Any]:
+    import json
+
+    from zoo.export.entries import ExportError
+
+    try:
+        manifest = json.loads((root / "manifest.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ExportError(f"{root / 'manifest.json'}: unreadable ({exc})") from None
+    config_json = manifest.get("config") if isinstance(manifest, dict) else None
+    if not isinstance(config_json, dict):
+        raise ExportError(f"{root / 'manifest.json'}: no 'config' object; not a manifest that `zoo export` writes")
+    config, error = _validated(config_json)
+    entries = manifest.get("entries", {})
+    info = _base("artifact", root, config_json)
+    info.update({
+        "parameters": parameters(_config_layout(config), "config") if config is not None else None,
+        "plugins": _plugins_of(config) if config is not None else [],
+        "config_error": error,
+        "versions": _suffixed(manifest, "_version"),
+        "hashes": _suffixed(manifest, "_sha256"),
+        "disk_bytes": _disk_bytes(root),
+        "artifact": {
+            "format": manifest.get("format"),
+            "entries": [e if isinstance(e, str) else e.get("name") for e in entries],
+            "platforms": manifest.get("platforms"),
+            "weights": manifest.get("weights"),
+        },
+    })
+    return info
+
+
+def _config(source: str, path: Path | None) -> dict[str, Any]:
+    from zoo.api import load_config
+    from zoo.export.checkpoint import json_hash
+
+    config = load_config(source)
+    config_json = config.model_dump(mode="json")
+    info = _base("config", path, config_json)
+    info.update({
+        "preset": source if path is None else None,
+        "parameters": parameters(_config_layout(config), "config"),
+        "plugins": _plugins_of(config),
+        "config_error": None,
+        "versions": {},
+        "hashes": {"config": json_hash(config_json)},
+        "disk_bytes": None,
+    })
+    return info
+
+
+def rows(info: dict[str, Any]) -> list[tuple[str, str]]:
+    """``describe``'s dict as (label, text) rows for a terminal."""
+    from zoo.export.checkpoint import steps_text
+    from zoo.summary import format_bytes
+
+    arch = info["architecture"]
+    out = [(info["kind"], info["path"] or f"preset {info.get('preset')}")]
+    if info["kind"] == "checkpoint":
+        out.append(("step", f"{info['step']} ({steps_text(info['steps'])})"))
+    out.append(("architecture", f"{arch['layer_type']}, {arch['num_blocks']} blocks, embedding_dim "
+                                f"{arch['embedding_dim']}, {arch['num_heads']} heads, vocab_size {arch['vocab_size']}, "
+                                f"context_length {arch['context_length']}, dtype {arch['dtype']}"))
+    params = info.get("parameters")
+    if params:
+        split = ", ".join(f"{d} {v['count']:,}" for d, v in params["by_dtype"].items())
+        out.append(("parameters", f"{params['count']:,} ({split}); {format_bytes(params['bytes'])}"
+                                  f"{'' if params['source'] == 'stored' else ' as zoo.init_params makes them'}"))
+    if info.get("config_error"):
+        out.append(("config error", info["config_error"]))
+    groups: dict[tuple[str, str, bool], list[str]] = {}
+    for p in info["plugins"]:
+        origin = f"{p['dist'] or p['plugin']} {p['version'] or ''}".strip()
+        groups.setdefault((p["kind"], origin, p["installed"]), []).append(p["name"])
+    for (kind, origin, installed), names in groups.items():
+        state = "" if installed else " [red]NOT INSTALLED[/]"
+        out.append((f"plugins {kind}", f"{', '.join(names)} (from {origin}){state}"))
+    if info["kind"] == "artifact":
+        art = info["artifact"]
+        out.append(("format", f"{art['format']}, weights {art['weights']}"))
+        out.append(("entries", ", ".join(art["entries"])))
+        out.append(("platforms", ", ".join(art["platforms"] or [])))
+    if info["versions"]:
+        out.append(("versions", ", ".join(f"{k} {v}" for k, v in info["versions"].items())))
+    for name, digest in info["hashes"].items():
+        out.append((f"{name} sha256", digest))
+    if info.get("disk_bytes") is not None:
+        out.append(("on disk", format_bytes(info["disk_bytes"])))
+    return out
