@@ -97,8 +97,15 @@ def test_check_backends_refuses_bad_sequence_lengths(lengths, text):
 
 def test_a_static_export_longer_than_context_length_is_refused(checkpoint, tmp_path):
     refused(invoke("export", checkpoint[0], "--out", tmp_path / "x", "--static", f"1,{CONTEXT + 1}"),
-            f"--static 1,{CONTEXT + 1}: sequence size {CONTEXT + 1} exceeds context_length={CONTEXT}")
+            f"static sequence size {CONTEXT + 1} exceeds context_length={CONTEXT}")
     assert not (tmp_path / "x").exists()
+    from zoo.export.entries import ExportError
+    from zoo.export.stablehlo import export_stablehlo
+
+    config, params = zoo.load(checkpoint[0])  # the library refuses it too, before writing anything
+    with pytest.raises(ExportError, match=f"static sequence size {CONTEXT + 1} exceeds context_length={CONTEXT}"):
+        export_stablehlo(config, params, tmp_path / "y", static=(1, CONTEXT + 1))
+    assert not (tmp_path / "y").exists()
 
 
 @pytest.mark.parametrize("seed", [-1, 2**32])
@@ -109,3 +116,16 @@ def test_seeds_that_would_alias_or_overflow_are_refused(seed):
         zoo.init_params(config, seed=seed)
     with pytest.raises(ValueError, match=rf"seed must be in \[0, 2\*\*32\), got {seed}"):
         zoo.generate.generate(config, {}, [[1]], 1, seed=seed)
+
+
+@pytest.mark.parametrize("manifest, text", [
+    ("{not json", "manifest.json: unreadable (JSONDecodeError"),
+    ("[1]", "manifest.json: the top level must be a JSON object, got list"),
+    ('{"format": "stablehlo"}', "manifest.json: a field is missing or malformed (KeyError"),
+    ('{"format": "savedmodel", "entries": {}, "vocab_size": 61}', "SavedModel file does not exist at"),
+])
+def test_a_damaged_manifest_is_one_line_from_run_and_info(tmp_path, manifest, text):
+    (tmp_path / "manifest.json").write_text(manifest)
+    refused(invoke("run", tmp_path, "--prompt-ids", "1,2"), text)
+    if "manifest.json" in text and "a field" not in text:  # info reads only the fields it describes
+        refused(invoke("info", tmp_path), text)

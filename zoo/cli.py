@@ -326,9 +326,6 @@ def export_command(
     config, params = load_checkpoint(checkpoint, step)
     options: dict[str, Any] = {"weights": weights} if weights else {}
     if static_dims:
-        if 0 < config.context_length < static_dims[1]:
-            fail(f"--static {static}: sequence size {static_dims[1]} exceeds context_length={config.context_length}, "
-                 "which bounds each forward or prefill call")
         options["static"] = static_dims
     if mlir:
         options["mlir"] = True

@@ -156,15 +156,11 @@ def _checkpoint(root: Path, step: int | None) -> dict[str, Any]:
 
 
 def _artifact(root: Path) -> dict[str, Any]:
-    import json
-
     from zoo.export.entries import ExportError
+    from zoo.export.runners import read_manifest
 
-    try:
-        manifest = json.loads((root / "manifest.json").read_text())
-    except (OSError, ValueError) as exc:
-        raise ExportError(f"{root / 'manifest.json'}: unreadable ({exc})") from None
-    config_json = manifest.get("config") if isinstance(manifest, dict) else None
+    manifest = read_manifest(root)
+    config_json = manifest.get("config")
     if not isinstance(config_json, dict):
         raise ExportError(f"{root / 'manifest.json'}: no 'config' object; not a manifest that `zoo export` writes")
     config, error = _validated(config_json)

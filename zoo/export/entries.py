@@ -40,9 +40,13 @@ class Entry:
     arg_names: tuple[str, ...]
 
 
-def check_request(config: ModelConfig, entries: Sequence[str], platforms: Sequence[str]) -> None:
-    """Refuse unknown entries or platforms, backends not registered as ``exportable`` (naming both), and
-    platforms a backend does not declare."""
+def check_request(config: ModelConfig, entries: Sequence[str], platforms: Sequence[str],
+                  static: tuple[int, int] | None = None) -> None:
+    """Refuse unknown entries or platforms, backends not registered as ``exportable`` (naming both),
+    platforms a backend does not declare, and a static sequence size over ``context_length``."""
+    if static is not None and 0 < config.context_length < static[1]:
+        raise ExportError(f"static sequence size {static[1]} exceeds context_length={config.context_length}, "
+                          f"which bounds each forward or prefill call")
     unknown = sorted(set(entries) - set(ENTRIES))
     if unknown or not entries:
         raise ExportError(f"entries must be among {', '.join(ENTRIES)} (got {', '.join(entries) or 'none'})")

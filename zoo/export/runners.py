@@ -131,6 +131,18 @@ def _savedmodel(path: Path, manifest: dict[str, Any]) -> Artifact:
                     context_length=_context_length(manifest), _calls=calls)
 
 
+def read_manifest(root: Path) -> dict[str, Any]:
+    """The JSON object in ``root/manifest.json``; ``ExportError`` (one line) when it is unreadable or not an object."""
+    path = root / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # ValueError: malformed JSON or not UTF-8
+        raise ExportError(f"{path}: unreadable ({type(exc).__name__}: {exc})") from None
+    if not isinstance(manifest, dict):
+        raise ExportError(f"{path}: the top level must be a JSON object, got {type(manifest).__name__}")
+    return manifest
+
+
 def open_artifact(path: str | os.PathLike, step: int | None = None) -> Artifact:
     """Load an export directory (by its ``manifest.json``) or the given (default: latest) step of a checkpoint.
 
@@ -144,12 +156,16 @@ def open_artifact(path: str | os.PathLike, step: int | None = None) -> Artifact:
     if manifest_path.is_file():
         if step is not None:
             raise CheckpointRefused(f"{root}: --step selects a step of a checkpoint; this is a `zoo export` artifact")
-        manifest = json.loads(manifest_path.read_text())
+        manifest = read_manifest(root)
         loaders = {"stablehlo": _stablehlo, "savedmodel": _savedmodel}
         if manifest.get("format") not in loaders:
             raise ExportError(f"{manifest_path} names format {manifest.get('format')!r}; zoo run knows "
                               f"{', '.join(loaders)} and Orbax checkpoints")
-        return loaders[manifest["format"]](root, manifest)
+        try:
+            return loaders[manifest["format"]](root, manifest)
+        except (KeyError, TypeError, AttributeError) as exc:  # a field missing or of the wrong type
+            raise ExportError(f"{manifest_path}: a field is missing or malformed ({type(exc).__name__}: {exc}); "
+                              f"export the model again") from None
     found = classify_path(root)
     if found.kind != "checkpoint":
         raise found.refuse(f"a `zoo export` artifact folder or {CHECKPOINT}")

@@ -76,7 +76,7 @@ def export_stablehlo(config: ModelConfig, params: Any, out_dir: str | os.PathLik
     if weights not in WEIGHT_MODES:
         renamed = " ('separate' is now 'file', which also writes the weights)" if weights == "separate" else ""
         raise ExportError(f"stablehlo weights must be 'file' or 'baked' (got {weights!r}){renamed}")
-    check_request(config, entries, platforms)
+    check_request(config, entries, platforms, static)
     out = new_directory(out_dir)
     flat = flat_weights(params)
     names, treedef = list(flat), jax.tree_util.tree_structure(params)
