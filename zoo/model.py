@@ -151,8 +151,8 @@ class LMModel(nn.Module):
         if cfg.add_post_blocks_norm:
             x = make_norm(cfg.norm_type, cfg.norm_eps, dtype, name="out_norm")(x)
         head_dtype = jnp.dtype(cfg.lm_head_dtype)
-        if cfg.tie_weights:
-            logits = embed.attend(x.astype(head_dtype))
+        if cfg.tie_weights:  # in lm_head_dtype, as the untied head (Embed.attend would compute in dtype)
+            logits = x.astype(head_dtype) @ embed.embedding.astype(head_dtype).T
         else:
             logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=head_dtype, param_dtype=jnp.float32,
                               kernel_init=partitioned(initializer("small", cfg.init_distribution_out, D), "embed", "vocab"),
