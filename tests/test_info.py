@@ -155,7 +155,7 @@ def test_info_on_a_stablehlo_artifact(tmp_path):
     from zoo.export.stablehlo import export_stablehlo
 
     config = zoo.load_config(TINY)
-    params = jax.tree_util.tree_map(jnp.zeros_like, zoo.param_shapes(config))
+    params = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, jnp.bfloat16), zoo.param_shapes(config))
     artifact = export_stablehlo(config, params, tmp_path / "art", platforms=["cpu"], entries=["forward"])
     manifest = json.loads((artifact / "manifest.json").read_text())
     info = describe(artifact)
@@ -163,7 +163,8 @@ def test_info_on_a_stablehlo_artifact(tmp_path):
     assert info["artifact"] == {"format": "stablehlo", "entries": ["forward"], "platforms": ["cpu"],
                                 "weights": manifest.get("weights")}
     assert info["architecture"]["vocab_size"] == 40 and info["architecture"]["num_heads"] == 2
-    assert info["parameters"]["count"] == HAND_COUNT and info["parameters"]["source"] == "config"
+    assert info["parameters"] == {"source": "stored", "count": HAND_COUNT, "bytes": 2 * HAND_COUNT,  # bfloat16
+                                  "by_dtype": {"bfloat16": {"count": HAND_COUNT, "bytes": 2 * HAND_COUNT}}}
     assert info["hashes"]["config"] == manifest["config_sha256"] and info["versions"]["jax"] == jax.__version__
     assert info["disk_bytes"] == sum(os.path.getsize(p) for p in artifact.rglob("*") if p.is_file())
     with pytest.raises(CheckpointError, match="not a checkpoint"):

@@ -166,8 +166,13 @@ def _artifact(root: Path) -> dict[str, Any]:
     config, error = _validated(config_json)
     entries = manifest.get("entries", {})
     info = _base("artifact", root, config_json)
+    stored = (manifest.get("weights_file") or {}).get("params")
+    if isinstance(stored, list):  # the shared weights file lists each array with its stored dtype
+        params = parameters({p["name"]: (tuple(p["shape"]), p["dtype"]) for p in stored}, "stored")
+    else:
+        params = parameters(_config_layout(config), "config") if config is not None else None
     info.update({
-        "parameters": parameters(_config_layout(config), "config") if config is not None else None,
+        "parameters": params,
         "plugins": _plugins_of(config) if config is not None else [],
         "config_error": error,
         "versions": _suffixed(manifest, "_version"),
