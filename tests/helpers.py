@@ -8,6 +8,8 @@ import textwrap
 import jax
 import numpy as np
 
+from zoo.registry import hookimpl, resolve
+
 
 def perturbed(params, seed: int, scale: float):
     """``params`` with seeded Gaussian noise of std ``scale`` added to every leaf (zero-init leaves hide bugs)."""
@@ -63,3 +65,12 @@ def run_without(blocked: tuple[str, ...], tmp_path, source: str, *args) -> None:
     proc = subprocess.run([sys.executable, str(script), *map(str, args)], cwd=tmp_path, capture_output=True,
                           text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr
+
+
+class UnitNormPlugin:
+    """An in-code plugin registering norm "unitnorm" (RMSNorm under another name): a checkpoint saved with it
+    needs a plugin that a fresh registry lacks."""
+
+    @hookimpl
+    def register_norms(self, register):
+        register("unitnorm", resolve("norm", "rmsnorm"))

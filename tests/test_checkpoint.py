@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 
 import zoo
+from helpers import UnitNormPlugin as NormPlugin
 from bitwise import assert_bitwise_equal
 from zoo.export.checkpoint import CheckpointError, read_metadata
-from zoo.registry import PluginRegistry, hookimpl, resolve, use_registry
+from zoo.registry import PluginRegistry, use_registry
 
 TINY = {"vocab_size": 40, "embedding_dim": 32, "num_blocks": 2, "dtype": "float32",
         "mlstm_block": {"mlstm": {"num_heads": 2}}}
@@ -101,12 +102,6 @@ def test_restore_needs_nothing_but_the_checkpoint(tmp_path):
 
 
 # A save killed midway: tests/test_faults.py (20 SIGKILL trials during builds and saves).
-
-
-class NormPlugin:
-    @hookimpl
-    def register_norms(self, register):
-        register("unitnorm", resolve("norm", "rmsnorm"))
 
 
 def test_missing_plugin_is_named(tmp_path):

@@ -17,7 +17,7 @@ def invoke(*args: str):
     widths = cli.out.width, cli.err.width
     cli.out.width = cli.err.width = cli.UNBOUNDED_WIDTH  # fixed when zoo.cli was imported; pytest -s may be a tty
     try:
-        result = CliRunner().invoke(cli.app, [str(a) for a in args])
+        result = CliRunner().invoke(cli.app, [str(a) for a in args], prog_name="zoo")
     finally:
         cli.out.width, cli.err.width = widths
     if result.exception is not None and not isinstance(result.exception, SystemExit):
@@ -72,6 +72,8 @@ def test_generate_and_run_take_a_prompt_of_context_length_and_refuse_one_more(ch
     ("", ["--prompt-ids needs comma-separated integers"]),
     ("1,,2", ["--prompt-ids needs comma-separated integers", "'1,,2'"]),
     ("1.5", ["--prompt-ids needs comma-separated integers"]),
+    ("\u0661,\u0662", ["--prompt-ids needs comma-separated integers (ASCII digits)"]),  # Arabic-Indic 1, 2
+    ("1,99999999999999999999", ["--prompt-ids: token id 99999999999999999999 is outside the vocabulary"]),
 ])
 def test_bad_prompt_ids_are_one_line(checkpoint, command, ids, texts):
     refused(invoke(command, checkpoint[0], "--prompt-ids", ids), *texts)
@@ -79,7 +81,9 @@ def test_bad_prompt_ids_are_one_line(checkpoint, command, ids, texts):
 
 def test_bad_sampling_values_and_the_renamed_flag(checkpoint):
     path = checkpoint[0]
-    refused(invoke("generate", path, "--prompt-ids", "1", "--temperature", "inf"), "temperature must be a finite")
+    for bad in ("inf", "nan", "-0.5"):
+        refused(invoke("generate", path, "--prompt-ids", "1", "--temperature", bad),
+                f"temperature must be a finite number >= 0 (0 is greedy), got {float(bad)}")
     for args in (("generate", path, "--prompt-ids", "1", "--seed", 2**32), ("build", "tiny", "--seed", -1),
                  ("run", path, "--prompt-ids", "1", "--top", "3")):  # `run --top N` is now `--show-logits N`
         result = invoke(*args)
@@ -89,7 +93,9 @@ def test_bad_sampling_values_and_the_renamed_flag(checkpoint):
 
 @pytest.mark.parametrize("lengths, text", [
     ("abc", "--seq-lens needs comma-separated integers"), ("", "--seq-lens needs comma-separated integers"),
-    ("1,,7", "--seq-lens needs comma-separated integers"), ("0", "at least 1, got 0"), ("7,-3", "at least 1, got -3"),
+    ("1,,7", "--seq-lens needs comma-separated integers"), ("0", "between 1 and 4096, got 0"),
+    ("7,-3", "between 1 and 4096, got -3"), ("\u0661", "--seq-lens needs comma-separated integers (ASCII digits)"),
+    ("7,100000000", "between 1 and 4096, got 100000000"),  # the (S, S) references would run out of memory
 ])
 def test_check_backends_refuses_bad_sequence_lengths(lengths, text):
     refused(invoke("check-backends", "--seq-lens", lengths), text)
@@ -129,3 +135,58 @@ def test_a_damaged_manifest_is_one_line_from_run_and_info(tmp_path, manifest, te
     refused(invoke("run", tmp_path, "--prompt-ids", "1,2"), text)
     if "manifest.json" in text and "a field" not in text:  # info reads only the fields it describes
         refused(invoke("info", tmp_path), text)
+
+
+@pytest.mark.parametrize("args, texts", [
+    (("generate", "CK", "--prompt-ids", "1", "--max-new-tokens", "0"), ["zoo generate: ", "'--max-new-tokens'"]),
+    (("export", "CK", "--out", "OUT", "--static", "0,0"), ["zoo export: ", "--static needs two positive integers"]),
+    (("export", "CK", "--out", "OUT", "--static", "1,\u00b2"), ["zoo export: ", "--static needs two positive"]),
+    (("convert", "torch", "CK", "--out", "OUT", "--dtype", "float8"), ["zoo convert torch: ", "--dtype", "float8"]),
+    (("build", "tiny", "--devices", "4"), ["zoo build: ", "--devices", "--abstract"]),
+    (("generate",), ["zoo generate: ", "Missing argument 'checkpoint'"]),
+    (("generate", "CK", "--prompt-ids", "1", "--bogus"), ["zoo generate: ", "No such option: --bogus"]),
+    (("nocommand",), ["zoo: ", "No such command 'nocommand'"]),
+    (("convert", "nocommand"), ["zoo convert: ", "No such command 'nocommand'"]),
+    (("--bogus",), ["zoo: ", "No such option: --bogus"]),
+])
+def test_usage_errors_are_one_line_naming_the_option(checkpoint, tmp_path, args, texts):
+    args = [checkpoint[0] if a == "CK" else tmp_path / "out" if a == "OUT" else a for a in args]
+    result = invoke(*args)
+    refused(result, *texts)
+    assert result.stderr.startswith("error: ") and "Usage:" not in result.stderr and "{" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_build_plans_for_a_device_count_that_does_not_fit_and_says_how_to_fit(tmp_path):
+    # mlstm-7b sets fsdp_axis_size 8 (zoo/presets/mlstm-7b.json): 8 does not divide 3 devices
+    refused(invoke("build", "mlstm-7b", "--abstract", "--devices", "3"), "3 device(s)",
+            "--set parallel.fsdp_axis_size=1")
+
+
+@pytest.mark.parametrize("new_tokens, timings", [
+    (1, "prefill 1 tokens: 100.0 ms"),
+    (2, "prefill 1 tokens: 100.0 ms; first step (with compile) 20.0 ms"),
+    (4, "prefill 1 tokens: 100.0 ms; first step (with compile) 20.0 ms; then 400.0 tokens/s"),
+])
+def test_generate_prints_only_the_timings_it_measured(checkpoint, monkeypatch, new_tokens, timings):
+    def timed(config, params, prompt, max_new_tokens, **_):
+        # 2 steady-state steps (the first token comes from the prefill, the second from the first step) in 5 ms
+        return zoo.generate.Generation(np.zeros((1, max_new_tokens), np.int32), 0.1, 0.02, 0.005,
+                                       np.zeros((1, V), np.float32))
+
+    monkeypatch.setattr(zoo.generate, "generate", timed)
+    result = invoke("generate", checkpoint[0], "--prompt-ids", "1", "--max-new-tokens", new_tokens)
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == timings
+
+
+def test_a_savedmodel_without_its_variables_is_one_line(tmp_path):
+    (tmp_path / "manifest.json").write_text('{"format": "savedmodel", "entries": {}, "vocab_size": 61}')
+    (tmp_path / "saved_model.pb").write_bytes(b"")
+    refused(invoke("run", tmp_path, "--prompt-ids", "1"), "a SavedModel needs its variables/ folder, which is missing")
+
+
+def test_building_into_a_step_folder_says_to_build_into_the_checkpoint(checkpoint):
+    path = checkpoint[0]
+    refused(invoke("build", "tiny", "--out", path / "0"), f"pass {path} with --step 0 (step=0 in Python) to read it, "
+            f"or build or save into {path} to add a step")

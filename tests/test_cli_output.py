@@ -39,6 +39,7 @@ def test_a_table_keeps_every_name_whole():
     proc = zoo_piped("plugins")
     assert proc.returncode == 0, proc.stderr
     assert "…" not in proc.stdout
+    assert [line for line in proc.stdout.splitlines() if line.endswith(" ")] == []  # rich pads cells to the widest
     rows = [line for line in proc.stdout.splitlines() if line.startswith("│")]
     with isolated_registry():  # the built-ins, as in the subprocess (autoload off)
         entries = describe()
@@ -88,3 +89,13 @@ def test_help_of_every_command_is_plain_and_whole():
         for name, sub in getattr(command, "commands", {}).items():
             line = next(line for line in section.splitlines() if line.split()[:1] == [name])
             assert " ".join(line.split()[1:]) == " ".join(sub.get_short_help_str(limit=10**6).split())
+
+
+def test_a_grid_through_a_pipe_has_no_trailing_spaces():
+    from test_cli_bad_input import invoke
+
+    result = invoke("info", "tiny")  # in-process: the runner's stdout is not a terminal
+    assert result.exit_code == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "config                preset tiny"  # label column as wide as "plugins distribution" + 2
+    assert [line for line in lines if line != line.rstrip()] == []

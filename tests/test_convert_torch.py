@@ -212,12 +212,26 @@ LAYOUTS = {"plain-f32": (False, False, "float32", "float32"), "scan-bf16": (True
            "scan-tied-bf16params": (True, True, "float32", "bfloat16")}
 
 
+ZOO_ONLY = {"context_length": 48, "mlstm_block": {"mlstm": {"mlstm_cell": {
+    "backend": {"name": "recurrent", "kwargs": {"unroll": 2}}, "igate_bias_init_range": -10.0}}}}
+"""Settings xlstm_large's config.yaml cannot hold (the converter's own defaults: -1, chunkwise, None)."""
+
+
+def with_zoo_only(config):
+    dump = config.model_dump(mode="json")
+    cell = dump["mlstm_block"]["mlstm"]["mlstm_cell"]
+    cell |= ZOO_ONLY["mlstm_block"]["mlstm"]["mlstm_cell"]
+    return zoo.load_config({**dump, "context_length": ZOO_ONLY["context_length"]})
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(LAYOUTS))
 def test_zoo_to_torch_to_zoo_is_bitwise_and_loads_in_pytorch_for_every_layout(tmp_path, v1_reference, name):
     scan, tie, dtype, param_dtype = LAYOUTS[name]
     flat, logits = v1_reference
-    config = v1_config(scan, tie, dtype)
+    config = with_zoo_only(v1_config(scan, tie, dtype))
+    assert (config.context_length, config.cell.backend.name, config.cell.igate_bias_init_range) == (
+        48, "recurrent", -10.0)
     params = layout(flat, config, getattr(ml_dtypes, param_dtype, np.float32))
     zoo.save(tmp_path / "ck", config, params)
     zoo.save(tmp_path / "ck", config, jax_tree_map(lambda x: x * 0, params))  # a later step that must not be picked
@@ -232,21 +246,14 @@ def test_zoo_to_torch_to_zoo_is_bitwise_and_loads_in_pytorch_for_every_layout(tm
     expected = logits[tie]
     got = torch_logits(model, TOKENS)
     assert float(np.abs(got - expected).max()) <= 1e-4 * float(np.abs(expected).max())
-    from_torch(tmp_path / "torch", tmp_path / "back", scan_blocks=scan)
+    report = from_torch(tmp_path / "torch", tmp_path / "back")
     config_back, params_back = zoo.load(tmp_path / "back")
-    # xlstm_large has no tying: the head comes back as a separate copy of the embedding
-    assert (config_back.scan_blocks, config_back.tie_weights, config_back.dtype) == (
-        scan, False, "bfloat16" if param_dtype == "bfloat16" else "float32")
-    back = flat_tree(params_back)
-    np.testing.assert_array_equal(back.pop(("lm_head", "kernel")), flat[("token_embedding", "embedding")].T
-                                  if tie else flat[("lm_head", "kernel")])
-    original = flat_tree(params)
-    original.pop(("lm_head", "kernel"), None)
-    assert back.keys() == original.keys()
+    assert config_back == config and report.zoo_config  # zoo_config.json restored every setting
+    back, original = flat_tree(params_back), flat_tree(params)
+    assert back.keys() == original.keys()  # a tied head (a copy in xlstm_large) is dropped again
     for path, value in original.items():
-        assert back[path].dtype == np.float32  # params are stored in float32, bfloat16 widens exactly
-        np.testing.assert_array_equal(back[path], np.asarray(value, np.float32), err_msg=str(path))
-    assert config_back.derived_sizes() == config.derived_sizes()
+        assert back[path].dtype == np.dtype(param_dtype) == value.dtype, path
+        np.testing.assert_array_equal(back[path], value, err_msg=str(path))
 
 
 def jax_tree_map(fn, tree):
@@ -380,7 +387,8 @@ def test_cli_converts_both_ways_names_the_step_and_exits_2_on_bad_input(tmp_path
                              env=env | {"COLUMNS": "300"})
     assert written.returncode == 0, written.stderr
     assert f"to {tmp_path / 't'} from step 0 of {folders / 'ck'} (step 0 only)" in written.stdout
-    assert sorted(p.name for p in (tmp_path / "t").iterdir()) == ["config.yaml", "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "t").iterdir()) == ["config.yaml", "model.safetensors",
+                                                                  "zoo_config.json"]
     for args, message in ((("to-torch", str(tmp_path / "ck")), "layer_type='mlstm' cannot be represented: to-torch "
                                                               "writes xlstm_large, which holds mlstm_v1 models only"),
                           (("torch", str(folders / "ck")), "to convert it to PyTorch use `zoo convert to-torch`")):

@@ -23,6 +23,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 import zoo
+from helpers import UnitNormPlugin as NormPlugin
 from zoo.export.checkpoint import CheckpointError
 from zoo.registry import PluginRegistry, hookimpl, resolve, use_registry
 
@@ -105,12 +106,6 @@ def test_info_on_a_checkpoint_matches_its_files(checkpoint):
     assert latest["disk_bytes"] == sum(os.path.getsize(p) for p in files) and latest["config_error"] is None
 
 
-class NormPlugin:
-    @hookimpl
-    def register_norms(self, register):
-        register("unitnorm", resolve("norm", "rmsnorm"))
-
-
 def test_info_names_a_plugin_that_is_not_installed(tmp_path):
     reg = PluginRegistry(autoload=False)
     with use_registry(reg):
@@ -169,6 +164,34 @@ def test_info_on_a_stablehlo_artifact(tmp_path):
     assert info["disk_bytes"] == sum(os.path.getsize(p) for p in artifact.rglob("*") if p.is_file())
     with pytest.raises(CheckpointError, match="not a checkpoint"):
         describe(artifact, step=0)
+    assert info["problems"] == []
+    damaged_artifacts_are_reported(artifact, tmp_path)
+
+
+def damaged_artifacts_are_reported(artifact: Path, tmp_path: Path) -> None:
+    """An edited config, a missing weights file and a truncated entry: `zoo info` lists each as a problem (exit 0)
+    and `zoo run` refuses each with one line naming the file."""
+    import shutil
+
+    from test_cli_bad_input import invoke, refused
+
+    edited, unweighted, cut = (Path(shutil.copytree(artifact, tmp_path / name)) for name in ("ed", "nw", "cut"))
+    manifest = json.loads((edited / "manifest.json").read_text())
+    manifest["config"]["context_length"] = 4  # the exported model was traced for 256
+    (edited / "manifest.json").write_text(json.dumps(manifest))
+    (unweighted / "weights.npz").unlink()
+    entry = (cut / "forward.jax_exported").read_bytes()
+    (cut / "forward.jax_exported").write_bytes(entry[:500])
+    assert describe(edited)["problems"] == [f"{edited / 'manifest.json'}: its config does not match the "
+                                            "config_sha256 recorded at export (edited or corrupted); export the "
+                                            "model again"]
+    assert describe(unweighted)["problems"] == ["missing file weights.npz (named by manifest.json)"]
+    shown = invoke("info", unweighted)
+    assert shown.exit_code == 0 and "problem" in shown.stdout and "missing file weights.npz" in shown.stdout
+    refused(invoke("run", edited, "--prompt-ids", "1"), "its config does not match the config_sha256")
+    refused(invoke("run", unweighted, "--prompt-ids", "1"), "weights.npz")
+    refused(invoke("run", cut, "--prompt-ids", "1"), f"{cut / 'forward.jax_exported'} is not a whole jax.export "
+                                                      "entry (500 bytes")
 
 
 def test_info_on_a_preset_and_a_config_file(tmp_path, checkpoint):
@@ -205,6 +228,8 @@ def test_info_cli_text_steps_and_refusals(checkpoint, tmp_path):
     text = invoke("info", checkpoint)
     assert text.exit_code == 0, text.stderr
     assert "1 (steps 0-1)" in text.stdout and f"{HAND_COUNT:,}" in text.stdout
+    assert any(line.split()[0] == "arrays" and "not read by zoo info; loading (zoo run, zoo generate, zoo.load) "
+               "verifies the content sha256" in line for line in text.stdout.splitlines())
     assert json.loads(invoke("info", checkpoint, "--step", "0", "--json").stdout)["step"] == 0
     for args, message in [
         ((checkpoint, "--step", "7"), f"{checkpoint} does not hold step 7 (steps: [0, 1])"),
@@ -212,6 +237,7 @@ def test_info_cli_text_steps_and_refusals(checkpoint, tmp_path):
         ((checkpoint / "1",), f"found step folder 1 of the checkpoint {checkpoint}; pass {checkpoint} with --step 1"),
         ((tmp_path / "nothing",), "expected a zoo checkpoint folder, a `zoo export` artifact folder, a config file "
                                   "or a preset name; found nothing"),
+        (("tiny_v1",), "found nothing (no such file or folder); did you mean 'tiny-v1'?"),
     ]:
         proc = invoke("info", *args)
         assert proc.exit_code == 2 and proc.stdout == "", (args, proc.stdout)

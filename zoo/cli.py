@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import re
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -12,24 +15,78 @@ from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
+import typer.core
 from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+
+try:  # typer >= 0.24 runs on its own copy of click
+    from typer._click.exceptions import NoArgsIsHelpError, UsageError
+except ImportError:  # pragma: no cover
+    from click.exceptions import NoArgsIsHelpError, UsageError
 
 # Output that is not a terminal (a pipe, a file, CI logs) is never cut or wrapped: rich and click would
 # otherwise fit it to 80 columns.
 UNBOUNDED_WIDTH = 100_000
 
 
+class _NoTrailingSpaces(io.TextIOBase):
+    """The current ``sys.stdout`` (or ``sys.stderr``), less the spaces rich pads each table line with to the width
+    of its widest row: through a pipe, lines end at their last character."""
+
+    def __init__(self, stderr: bool) -> None:
+        self.stderr = stderr
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr if self.stderr else sys.stdout
+
+    def write(self, text: str) -> int:
+        self.stream.write(re.sub(r" +(?=\n)", "", text))
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def isatty(self) -> bool:
+        return self.stream.isatty()
+
+
 def _console(stderr: bool = False) -> Console:
     console = Console(stderr=stderr, highlight=False)
     if not console.is_terminal:
-        console.width = UNBOUNDED_WIDTH
+        console = Console(file=_NoTrailingSpaces(stderr), highlight=False, width=UNBOUNDED_WIDTH)
     return console
 
 
+class OneLineUsageErrors(typer.core.TyperGroup):
+    """Usage errors (a bad option value, a missing argument, an unknown option or command, ``typer.BadParameter``)
+    print one line naming the option, and exit 2, instead of click's usage block."""
+
+    def make_context(self, info_name: str | None, args: list[str], parent: Any = None, **extra: Any) -> Any:
+        with usage_errors_in_one_line(info_name or "zoo"):
+            return super().make_context(info_name, args, parent, **extra)
+
+    def invoke(self, ctx: Any) -> Any:
+        with usage_errors_in_one_line(ctx.command_path):
+            return super().invoke(ctx)
+
+
+@contextmanager
+def usage_errors_in_one_line(command_path: str) -> Iterator[None]:
+    try:
+        yield
+    except NoArgsIsHelpError:
+        raise
+    except UsageError as exc:
+        where = exc.ctx.command_path if exc.ctx is not None else command_path
+        err.print(f"[bold red]error:[/] {escape(where)}: {escape(exc.format_message())} (see {escape(where)} --help)")
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+
+
 app = typer.Typer(
+    cls=OneLineUsageErrors,
     help="xlstm-zoo: build, inspect and save xLSTM mLSTM models from plugins.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -42,6 +99,7 @@ out = _console()
 err = _console(stderr=True)
 
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
 MAX_ERRORS_SHOWN = 15
 
 
@@ -98,18 +156,47 @@ def fail(message: str) -> NoReturn:
     raise typer.Exit(EXIT_BAD_INPUT)
 
 
+class Interrupted(BaseException):
+    """Ctrl-C (SIGINT) while a command runs; ``args[0]``, when given, says what was kept on disk.
+
+    Raised by the handler ``main`` installs instead of ``KeyboardInterrupt``, which typer would turn into
+    "Aborted!" and an interpreter teardown that can crash while XLA and Orbax threads still run.
+    """
+
+
+def _raise_interrupted(signum: int, frame: Any) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # once: the clean-up on the way out must not be cut short
+    raise Interrupted
+
+
+def out_path(value: str) -> Path:
+    """``--out`` as a path; an empty one (which would mean the current folder) is one line and exit 2."""
+    if not value.strip():
+        fail("--out: expected a folder to write into; got an empty path (use '.' to mean the current folder)")
+    return Path(value)
+
+
+def _steps_in(folder: Path) -> set[int]:
+    """The complete (renamed into place) step numbers of a checkpoint folder."""
+    return {int(c.name) for c in folder.iterdir() if c.name.isdigit()} if folder.is_dir() else set()
+
+
 def parse_ints(text: str, option: str, example: str) -> list[int]:
-    """Comma-separated integers (at least one) from ``option``; one line and exit 2 otherwise."""
-    try:
-        return [int(t) for t in text.split(",")]
-    except ValueError:
-        fail(f"{option} needs comma-separated integers, e.g. {example}; got {text!r}")
+    """Comma-separated integers (at least one; ASCII digits) from ``option``; one line and exit 2 otherwise."""
+    parts = [t.strip() for t in text.split(",")]
+    if not all(re.fullmatch(r"[+-]?[0-9]+", t) for t in parts):  # int() would also take other scripts' digits
+        fail(f"{option} needs comma-separated integers (ASCII digits), e.g. {example}; got {text!r}")
+    return [int(t) for t in parts]
 
 
 def parse_prompt(prompt_ids: str) -> list[int]:
     """Token ids from ``--prompt-ids``; the model or artifact checks them against its vocabulary and
     ``context_length`` (exit 2 with one line)."""
-    return parse_ints(prompt_ids, "--prompt-ids", "1,2,3")
+    ids = parse_ints(prompt_ids, "--prompt-ids", "1,2,3")
+    too_big = next((i for i in ids if i >= 2**31), None)
+    if too_big is not None:  # above int32: outside every vocabulary, and NumPy could not hold it as a token id
+        fail(f"--prompt-ids: token id {too_big} is outside the vocabulary")
+    return ids
 
 
 PromptOption = Annotated[str, typer.Option("--prompt-ids", help="comma-separated token ids, e.g. 1,2,3; at most "
@@ -169,9 +256,9 @@ def load_config_with(config: str, sets: list[str] | None) -> Any:
         return cfg.with_overrides(overrides) if overrides else cfg
 
 
-def layout_misfit(cfg: Any) -> str | None:
-    """Why the ``parallel`` layout of ``cfg`` does not fit the devices here, and the ``--set`` that makes it fit;
-    None when it fits."""
+def layout_misfit(cfg: Any, devices: int | None = None) -> str | None:
+    """Why the ``parallel`` layout of ``cfg`` does not fit ``devices`` (default: the devices here), and the ``--set``
+    that makes it fit; None when it fits."""
     import jax
 
     from zoo.sharding import ShardingError, axis_sizes
@@ -179,7 +266,7 @@ def layout_misfit(cfg: Any) -> str | None:
     parallel = cfg.parallel
     try:
         if parallel is not None:
-            axis_sizes(parallel, jax.device_count())
+            axis_sizes(parallel, devices or jax.device_count())
     except ShardingError as exc:
         fixes = [f"--set parallel.{name}=1" for name in ("fsdp_axis_size", "model_axis_size")
                  if getattr(parallel, name) > 1] + ["--set parallel.data_axis_size=-1"] * (parallel.data_axis_size != -1)
@@ -204,7 +291,7 @@ def validate(config: ConfigArg, sets: SetOption = None) -> None:
 @app.command()
 def build(
     config: ConfigArg,
-    out_dir: Annotated[Path | None, typer.Option("--out", help="checkpoint directory "
+    out_dir: Annotated[Path | None, typer.Option("--out", parser=out_path, help="checkpoint directory "
                                                   "(default: checkpoints/<config name>)")] = None,
     seed: Annotated[int, typer.Option(min=0, max=2**32 - 1, help="PRNG seed of the initialisation")] = 0,
     abstract: Annotated[bool, typer.Option("--abstract", help="only compute shapes and sizes; "
@@ -230,11 +317,16 @@ def build(
     if devices is not None and not abstract:
         raise typer.BadParameter("--devices plans a layout; it needs --abstract")
     cfg = load_config_with(config, sets)
-    misfit = None if abstract else layout_misfit(cfg)
+    misfit = layout_misfit(cfg, devices) if not abstract or devices is not None else None
     if misfit:
         fail(f"{config}: {misfit}")
+    target = out_dir or Path("checkpoints") / Path(config).stem
     with bad_input_exits(config):
         shapes = param_shapes(cfg)
+    if not abstract:
+        with bad_input_exits(str(target)):
+            check_save_target(target, shapes, force=force)  # before the summary and the work of initialising
+    with bad_input_exits(config):
         out.print(summary(cfg, shapes))
         if cfg.parallel is not None:
             count = devices or jax.device_count()
@@ -244,18 +336,21 @@ def build(
         if abstract:
             return
         mesh = make_mesh(cfg)
-    target = out_dir or Path("checkpoints") / Path(config).stem
-    with bad_input_exits(str(target)):
-        check_save_target(target, shapes, force=force)  # before the work of initialising
     where = f"{jax.device_count()} {jax.devices()[0].platform} devices" if mesh else jax.devices()[0].platform
-    with out.status(f"initialising with seed {seed} on {where}"):
-        start = time.perf_counter()
-        params = jax.block_until_ready(init_params(cfg, seed))
-        init_s = time.perf_counter() - start
-    with out.status(f"saving to {target}"), bad_input_exits(str(target)):
-        start = time.perf_counter()
-        step_dir = save(target, cfg, params, force=force)
-        save_s = time.perf_counter() - start
+    before = _steps_in(target)
+    try:
+        with out.status(f"initialising with seed {seed} on {where}"):
+            start = time.perf_counter()
+            params = jax.block_until_ready(init_params(cfg, seed))
+            init_s = time.perf_counter() - start
+        with out.status(f"saving to {target}"), bad_input_exits(str(target)):
+            start = time.perf_counter()
+            step_dir = save(target, cfg, params, force=force)
+            save_s = time.perf_counter() - start
+    except Interrupted:  # Orbax renames a step into place only when complete: the folder says what was kept
+        saved = sorted(_steps_in(target) - before)
+        raise Interrupted(f"step {saved[-1]} was saved to {target}" if saved else
+                          f"nothing was saved; earlier steps in {target} are untouched") from None
     out.print(f"initialised in {init_s:.2f} s; saved Orbax checkpoint {escape(str(step_dir))} in {save_s:.2f} s")
 
 
@@ -264,7 +359,8 @@ def generate(
     checkpoint: Annotated[Path, typer.Argument(help="a checkpoint directory written by `zoo build` or zoo.save")],
     prompt_ids: PromptOption,
     max_new_tokens: MaxNewTokensOption = 16,
-    temperature: Annotated[float, typer.Option(min=0.0, help="sampling temperature; 0 is greedy")] = 0.0,
+    temperature: Annotated[float, typer.Option(help="sampling temperature, a finite number >= 0; 0 is greedy")
+                           ] = 0.0,
     top_k: Annotated[int, typer.Option("--top-k", min=0, help="sample among the k most likely tokens "
                                        "(0: all)")] = 0,
     seed: Annotated[int, typer.Option(min=0, max=2**32 - 1, help="PRNG seed of the sampling")] = 0,
@@ -286,8 +382,12 @@ def generate(
     out.print(f"prompt:    {' '.join(map(str, prompt))}")
     show_top_logits(result.prompt_logits[0], show_logits)
     out.print(f"generated: {' '.join(str(int(t)) for t in result.tokens[0])}")
-    out.print(f"prefill {len(prompt)} tokens: {1000 * result.prefill_s:.1f} ms; first step (with compile) "
-              f"{1000 * result.first_step_s:.1f} ms; then {result.tokens_per_s:.1f} tokens/s")
+    timings = [f"prefill {len(prompt)} tokens: {1000 * result.prefill_s:.1f} ms"]
+    if max_new_tokens > 1:  # the first token comes from the prefill; each later one from a step
+        timings.append(f"first step (with compile) {1000 * result.first_step_s:.1f} ms")
+    if max_new_tokens > 2:
+        timings.append(f"then {result.tokens_per_s:.1f} tokens/s")
+    out.print("; ".join(timings))
 
 
 def parse_static(static: str | None) -> tuple[int, int] | None:
@@ -295,7 +395,7 @@ def parse_static(static: str | None) -> tuple[int, int] | None:
     if static is None:
         return None
     parts = static.split(",")
-    if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+    if len(parts) != 2 or not all(re.fullmatch(r"[0-9]+", p.strip()) and int(p) > 0 for p in parts):
         raise typer.BadParameter(f"--static needs two positive integers B,S (got {static!r})")
     return int(parts[0]), int(parts[1])
 
@@ -303,7 +403,7 @@ def parse_static(static: str | None) -> tuple[int, int] | None:
 @app.command("export")
 def export_command(
     checkpoint: Annotated[Path, typer.Argument(help="a checkpoint directory")],
-    out_dir: Annotated[Path, typer.Option("--out", help="a new directory for the artifact")],
+    out_dir: Annotated[Path, typer.Option("--out", parser=out_path, help="a new directory for the artifact")],
     fmt: Annotated[str, typer.Option("--format", help="a registered exporter: stablehlo, savedmodel, "
                                      "or one a plugin adds (see `zoo plugins`)")] = "stablehlo",
     platforms: Annotated[str, typer.Option(help="comma-separated lowering platforms")] = "cpu,cuda,tpu",
@@ -318,20 +418,27 @@ def export_command(
     step: StepOption = None,
 ) -> None:
     """Export a saved model as a serving artifact (StableHLO by default, or a TF SavedModel)."""
+    from zoo.export.entries import new_directory
     from zoo.registry import resolve
 
     static_dims = parse_static(static)
     with bad_input_exits(str(checkpoint)):
         exporter = resolve("exporter", fmt)
+    with bad_input_exits(str(out_dir)):
+        new_directory(out_dir)  # before the work of loading the checkpoint
     config, params = load_checkpoint(checkpoint, step)
     options: dict[str, Any] = {"weights": weights} if weights else {}
     if static_dims:
         options["static"] = static_dims
     if mlir:
         options["mlir"] = True
-    with bad_input_exits(str(out_dir)), out.status(f"exporting {fmt}"):
-        start = time.perf_counter()
-        path = exporter(config, params, out_dir, platforms=platforms.split(","), entries=entry.split(","), **options)
+    try:
+        with bad_input_exits(str(out_dir)), out.status(f"exporting {fmt}"):
+            start = time.perf_counter()
+            path = exporter(config, params, out_dir, platforms=platforms.split(","), entries=entry.split(","),
+                            **options)
+    except Interrupted:  # the exporters write under a staging name, removed on the way out
+        raise Interrupted(f"nothing was exported; {out_dir} was not created") from None
     out.print(f"exported {fmt} ({entry}; {platforms}) to {escape(str(path))} in {time.perf_counter() - start:.1f} s")
 
 
@@ -369,14 +476,16 @@ app.add_typer(convert_app, name="convert")
 @convert_app.command("torch")
 def convert_torch(
     src: Annotated[Path, typer.Argument(help="a folder with model.safetensors (or shards) and config.yaml/json")],
-    out_dir: Annotated[Path, typer.Option("--out", help="a new zoo checkpoint directory")],
-    dtype: Annotated[str | None, typer.Option(help="compute dtype of the zoo config (default: the tensors' "
-                                              "dtype, bfloat16 or float32)")] = None,
-    scan_blocks: Annotated[bool, typer.Option("--scan-blocks", help="stack the blocks' params on a leading axis "
-                                              "(scan_blocks: true, as the mlstm_v1 presets)")] = False,
+    out_dir: Annotated[Path, typer.Option("--out", parser=out_path, help="a new zoo checkpoint directory")],
+    dtype: Annotated[str | None, typer.Option(help="compute dtype of the zoo config (default: zoo_config.json's, "
+                                              "else the tensors' dtype, bfloat16 or float32); params keep the "
+                                              "tensors' dtype")] = None,
+    scan_blocks: Annotated[bool | None, typer.Option("--scan-blocks/--no-scan-blocks", help="stack the blocks' "
+                                                     "params on a leading axis (scan_blocks: true, as the mlstm_v1 "
+                                                     "presets; default: zoo_config.json's, else not)")] = None,
 ) -> None:
     """Convert an xlstm_large (xLSTM-7B), Hugging Face xlstm or NeurIPS xLSTMLMModel checkpoint into a zoo
-    checkpoint."""
+    checkpoint; a zoo_config.json written by `zoo convert to-torch` restores every zoo setting."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from zoo.convert.torch import from_torch
@@ -384,7 +493,8 @@ def convert_torch(
     if dtype is not None and dtype not in ("float32", "bfloat16", "float16"):
         raise typer.BadParameter(f"--dtype must be float32, bfloat16 or float16 (got {dtype!r})")
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[size]}"))
-    with Progress(*columns, console=err, transient=True) as bar, bad_input_exits(str(src)):
+    with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as bar, \
+            bad_input_exits(str(src)):
         task = bar.add_task("converting", total=None, size="")
         done = 0
 
@@ -396,14 +506,16 @@ def convert_torch(
 
         start = time.perf_counter()
         report = from_torch(src, out_dir, dtype=dtype, scan_blocks=scan_blocks, progress=advance)
-    out.print(f"converted {report.source_format} ({report.tensors} tensors, {report.source_bytes / 2**20:.1f} MiB) "
-              f"into {escape(str(report.checkpoint))} in {time.perf_counter() - start:.1f} s")
+    out.print(f"converted {report.source_format} ({report.tensors} tensors, {report.source_bytes / 2**20:.1f} MiB)"
+              f"{' with zoo_config.json' if report.zoo_config else ''} into {escape(str(report.checkpoint))} in "
+              f"{time.perf_counter() - start:.1f} s")
 
 
 @convert_app.command("to-torch")
 def convert_to_torch(
     checkpoint: Annotated[Path, typer.Argument(help="an mlstm_v1 zoo checkpoint")],
-    out_dir: Annotated[Path, typer.Option("--out", help="a new folder for model.safetensors and config.yaml")],
+    out_dir: Annotated[Path, typer.Option("--out", parser=out_path, help="a new folder for model.safetensors, "
+                                          "config.yaml and zoo_config.json")],
     step: Annotated[int | None, typer.Option("--step", min=0, help="the step to convert (default: the latest)")]
     = None,
 ) -> None:
@@ -412,14 +524,17 @@ def convert_to_torch(
 
     with bad_input_exits(str(checkpoint)):
         report = to_torch(checkpoint, out_dir, step=step)
-    out.print(f"wrote xlstm_large model.safetensors ({report.tensors} tensors, {report.nbytes / 2**20:.1f} MiB) and "
-              f"config.yaml to {escape(str(report.folder))} from {escape(report.source)}")
+    out.print(f"wrote xlstm_large model.safetensors ({report.tensors} tensors, {report.nbytes / 2**20:.1f} MiB), "
+              f"config.yaml and zoo_config.json to {escape(str(report.folder))} from {escape(report.source)}")
+
+
+MAX_CHECK_SEQ_LEN = 4096
 
 
 @app.command("check-backends")
 def check_backends(
     config: Annotated[str | None, typer.Option(help="take head sizes and backend options from this config")] = None,
-    seq_lens: Annotated[str, typer.Option("--seq-lens", help="comma-separated sequence lengths, each at least 1")
+    seq_lens: Annotated[str, typer.Option("--seq-lens", help="comma-separated sequence lengths, each from 1 to 4096")
                         ] = "1,7,64,130",
 ) -> None:
     """Check every registered cell backend against its reference.
@@ -432,8 +547,9 @@ def check_backends(
     from zoo.testing import cell_parity, references
 
     lengths = parse_ints(seq_lens, "--seq-lens", "1,7,64")
-    if min(lengths) < 1:
-        fail(f"--seq-lens: every sequence length must be at least 1, got {min(lengths)}")
+    if not all(1 <= n <= MAX_CHECK_SEQ_LEN for n in lengths):  # the references hold (S, S) matrices
+        fail(f"--seq-lens: every sequence length must be between 1 and {MAX_CHECK_SEQ_LEN}, "
+             f"got {next(n for n in lengths if not 1 <= n <= MAX_CHECK_SEQ_LEN)}")
     options: dict[str, Any] = {}
     kwargs: dict[str, dict[str, Any]] = {}
     if config is not None:
@@ -598,7 +714,16 @@ def main(argv: list[str] | None = None) -> Callable[..., Any] | None:
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     initialize_from_env()
-    return app(args=argv if argv is not None else sys.argv[1:], prog_name="zoo")
+    signal.signal(signal.SIGINT, _raise_interrupted)
+    try:
+        return app(args=argv if argv is not None else sys.argv[1:], prog_name="zoo")
+    except Interrupted as exc:
+        err.print(f"[bold yellow]interrupted[/]{'; ' + escape(exc.args[0]) if exc.args else ''}")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_INTERRUPTED)  # no interpreter teardown while XLA and Orbax threads still run
+    finally:  # the command's work is done (or failed cleanly): Ctrl-C no longer cuts the teardown short
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 if __name__ == "__main__":

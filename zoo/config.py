@@ -254,12 +254,54 @@ class BackendConfig(ZooModel):
             if self.kwargs:
                 raise_errors("BackendConfig", [(("kwargs",), f"cell {self.name!r} takes no kwargs", self.kwargs)])
             return self
+        options = ", ".join(model.model_fields) or "none"
+        unknown = [key for key in self.kwargs if key not in model.model_fields]
+        if unknown:
+            raise_errors("BackendConfig", [(("kwargs", key), f"cell {self.name!r} has no option {key!r}; its options: "
+                                                             f"{options}", self.kwargs[key]) for key in unknown])
         try:
             parsed = model.model_validate(self.kwargs, strict=True)
         except ValidationError as exc:
-            raise_errors("BackendConfig", [(("kwargs", *e["loc"]), e["msg"], e.get("input")) for e in exc.errors()])
+            errors = {}  # one error per option: a union reports one per branch, under a branch-named loc
+            for e in exc.errors():
+                key = e["loc"][:1]
+                if key in errors and key[0] in model.model_fields:
+                    errors[key] = (errors[key][0], _allowed(model, key[0]), errors[key][2])
+                elif key not in errors:
+                    errors[key] = (("kwargs", *key), e["msg"], e.get("input"))
+            raise_errors("BackendConfig", list(errors.values()))
         object.__setattr__(self, "kwargs", parsed.model_dump(mode="json"))
         return self
+
+
+def _allowed(model: type[BaseModel], key: str) -> str:
+    """What option ``key`` of a backend's kwargs model accepts, from its JSON Schema (for a union's one error)."""
+    schema = model.model_json_schema()["properties"][key]
+    kinds = []
+    for branch in schema.get("anyOf", [schema]):
+        if "const" in branch or "enum" in branch:
+            kinds += [repr(v) for v in branch.get("enum", [branch.get("const")])]
+        else:
+            words = (("minimum", ">="), ("exclusiveMinimum", ">"), ("maximum", "<="), ("exclusiveMaximum", "<"))
+            bounds = [f"{word} {branch[b]}" for b, word in words if b in branch]
+            kind = f"an {branch['type']}" if branch.get("type") in ("integer", "array", "object") else (
+                f"a {branch.get('type', 'value')}")
+            kinds.append("a positive integer" if bounds == [">= 1"] and kind == "an integer"
+                         else kind + (f" {' and '.join(bounds)}" if bounds else ""))
+    return "must be " + " or ".join(kinds)
+
+
+def backend_family(name: str) -> str:
+    """The numerics family of cell ``name``: the root of its ``reference`` chain (``parallel_stabilized`` when a
+    cell names none), so backends of one family compute the same function."""
+    seen = [name]
+    while True:
+        reference = registry.entry("cell", seen[-1]).metadata.get("reference", "parallel_stabilized")
+        if reference in seen:
+            return min(seen[seen.index(reference):])  # the root, or the smallest name of a reference cycle
+        if reference not in registry.available("cell"):
+            return reference  # a reference that is not installed still names the family
+        seen.append(reference)
 
 
 class CellConfig(ZooModel):
@@ -298,6 +340,26 @@ class CellConfig(ZooModel):
     parallel: ParallelConfig | None = None
     """Inherited from the model."""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _stateful_backends_of_the_family(cls, data: Any) -> Any:
+        """Left out, ``prefill_backend`` and ``step_backend`` default to stateful backends of ``backend``'s family."""
+        if not isinstance(data, Mapping) or {"prefill_backend", "step_backend"} <= set(data):
+            return data
+        backend = data.get("backend")
+        name = backend.name if isinstance(backend, BackendConfig) else (
+            backend.get("name") if isinstance(backend, Mapping) else None)
+        if not isinstance(name, str) or name not in registry.available("cell") or (
+                backend_family(name) == "parallel_stabilized"):
+            return data  # the built-in defaults; an unknown name is reported by BackendConfig
+        family = backend_family(name)
+        stateful = [n for n in registry.available("cell")
+                    if registry.entry("cell", n).metadata.get("supports_state") and backend_family(n) == family]
+        if not stateful:
+            return data  # refused by _check_stateful_backends, naming the fields
+        defaults = {"prefill_backend": {"name": stateful[0]}, "step_backend": {"name": stateful[-1]}}
+        return {**defaults, **data}
+
     @model_validator(mode="after")
     def _check_stateful_backends(self) -> CellConfig:
         errors = []
@@ -308,6 +370,19 @@ class CellConfig(ZooModel):
                             if registry.entry("cell", n).metadata.get("supports_state")]
                 errors.append(((field, "name"), f"cell {name!r} cannot carry state (supports_state is not set); "
                                                 f"{field} needs one of: {', '.join(stateful)}", name))
+        if errors:
+            raise_errors("CellConfig", errors)
+        family = backend_family(self.backend.name)
+        for field in ("prefill_backend", "step_backend"):
+            name = getattr(self, field).name
+            if backend_family(name) != family:
+                matching = [n for n in registry.available("cell") if registry.entry("cell", n).metadata.get(
+                    "supports_state") and backend_family(n) == family]
+                errors.append(((field, "name"), f"cell {name!r} computes the {backend_family(name)!r} family but "
+                                                f"backend {self.backend.name!r} computes {family!r}: all three "
+                                                f"backends must compute the same function; set {field} to one of: "
+                                                f"{', '.join(matching) or '(no stateful backend of that family)'}",
+                               name))
         if errors:
             raise_errors("CellConfig", errors)
         return self
@@ -502,6 +577,18 @@ INHERITED: dict[tuple[str, ...], tuple[str, ...]] = {
 }
 
 
+MAX_BLOCKS = 4096
+"""Most blocks accepted: unscanned blocks are traced one by one, so building, ``zoo info`` and abstract shapes
+take time and memory in proportion; the largest published xLSTM (7B) has 48 blocks."""
+
+
+def _num_blocks(value: int) -> int:
+    if value > MAX_BLOCKS:
+        raise _refuse(f"must be at most {MAX_BLOCKS} (the largest published xLSTM has 48 blocks; unscanned blocks "
+                      f"are traced one by one, so a larger count only exhausts time and memory)")
+    return value
+
+
 class ModelConfig(ZooModel):
     """The xLSTM language model: embedding, ``num_blocks`` copies of ``mlstm_block``, final norm, head."""
 
@@ -509,8 +596,9 @@ class ModelConfig(ZooModel):
     """The block repeated ``num_blocks`` times."""
     context_length: ContextLength = -1
     """Longest sequence accepted by ``forward`` (-1: no limit)."""
-    num_blocks: Size = 1
-    """Number of residual blocks."""
+    num_blocks: Annotated[int, Field(ge=1, json_schema_extra={"maximum": MAX_BLOCKS}),
+                          AfterValidator(_num_blocks)] = 1
+    """Number of residual blocks (at most 4096; the largest published xLSTM has 48)."""
     embedding_dim: Size = 128
     """Model width D (the residual stream)."""
     add_post_blocks_norm: bool = True
@@ -598,8 +686,11 @@ class ModelConfig(ZooModel):
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
+        if self.vocab_size == -1:
+            raise_errors("ModelConfig", [(("vocab_size",), "vocab_size is required: it must be set to a positive "
+                                                           "integer", None)])
         if self.vocab_size < 1:
-            raise_errors("ModelConfig", [(("vocab_size",), "must be set to a positive integer", self.vocab_size)])
+            raise_errors("ModelConfig", [(("vocab_size",), "must be a positive integer", self.vocab_size)])
         tp = self.parallel.model_axis_size if self.parallel else 1
         if self.layer.num_heads % tp:
             raise_errors("ModelConfig", [(("parallel", "model_axis_size"),
@@ -642,12 +733,14 @@ class ModelConfig(ZooModel):
         """This config with fields set by dotted path, e.g. ``{"parallel.fsdp_axis_size": 1, "dtype": "float32"}``.
 
         The values are edits of this config's dump (as in a JSON file, validated as strictly); a
-        section that is null or absent, like ``parallel``, is created from its defaults. Raises
+        section that is null or absent, like ``parallel``, is created from its defaults. Setting a backend's
+        ``name`` to another backend drops the old backend's ``kwargs`` (``kwargs`` set alongside still apply). Raises
         ``pydantic.ValidationError`` naming the field when the result is not a valid config.
         """
         data = self.model_dump(mode="json")
         errors: list[tuple[Loc, str, Any]] = []
-        for dotted, value in overrides.items():
+        # names first: a renamed backend drops the old backend's kwargs, then its own kwargs.* apply
+        for dotted, value in sorted(overrides.items(), key=lambda item: not item[0].endswith(".name")):
             *parents, leaf = dotted.split(".")
             node = data
             for depth, part in enumerate(parents):
@@ -659,6 +752,8 @@ class ModelConfig(ZooModel):
                     break
                 node = node[part]
             else:
+                if leaf == "name" and isinstance(node.get("kwargs"), dict) and node.get("name") != value:
+                    del node["kwargs"]  # a backend's options belong to it: a new name starts from its defaults
                 node[leaf] = value
         if errors:
             raise_errors("ModelConfig", errors)

@@ -35,6 +35,8 @@ def describe(source: str | os.PathLike, step: int | None = None) -> dict[str, An
         kind = "preset"
     elif found.kind in ("checkpoint", "artifact", "file"):
         kind = found.kind
+    elif found.kind == "missing":
+        raise CheckpointRefused(f"{found.refuse(EXPECTED)}; {presets.hint(str(source))}")
     else:
         raise found.refuse(EXPECTED)
     if step is not None and kind != "checkpoint":
@@ -151,8 +153,25 @@ def _checkpoint(root: Path, step: int | None) -> dict[str, Any]:
         "versions": _suffixed(metadata, "_version"),
         "hashes": _suffixed(metadata, "_sha256"),
         "disk_bytes": _disk_bytes(root / str(where.step)),
+        "problems": [],  # config and metadata hashes were verified by read_stored; arrays are verified by load
     })
     return info
+
+
+def _artifact_problems(root: Path, manifest: dict[str, Any]) -> list[str]:
+    """One line per thing that keeps ``zoo run`` from using the artifact, found without reading arrays: a config
+    that does not match its hash, files the manifest names that are missing."""
+    from zoo.export.runners import config_hash_mismatch
+
+    problems = [config_hash_mismatch(root, manifest)]
+    entries = manifest.get("entries")
+    named = [(manifest.get("weights_file") or {}).get("file")]
+    named += [e.get("file") for e in entries.values() if isinstance(e, dict)] if isinstance(entries, dict) else []
+    problems += [f"missing file {name} (named by manifest.json)" for name in named
+                 if isinstance(name, str) and not (root / name).is_file()]
+    if manifest.get("format") == "savedmodel" and not (root / "variables").is_dir():
+        problems.append("missing folder variables/ (a SavedModel's weights)")
+    return [p for p in problems if p]
 
 
 def _artifact(root: Path) -> dict[str, Any]:
@@ -178,6 +197,7 @@ def _artifact(root: Path) -> dict[str, Any]:
         "versions": _suffixed(manifest, "_version"),
         "hashes": _suffixed(manifest, "_sha256"),
         "disk_bytes": _disk_bytes(root),
+        "problems": _artifact_problems(root, manifest),
         "artifact": {
             "format": manifest.get("format"),
             "entries": [e if isinstance(e, str) else e.get("name") for e in entries],
@@ -203,12 +223,15 @@ def _config(source: str, path: Path | None) -> dict[str, Any]:
         "versions": {},
         "hashes": {"config": json_hash(config_json)},
         "disk_bytes": None,
+        "problems": [],
     })
     return info
 
 
 def rows(info: dict[str, Any]) -> list[tuple[str, str]]:
     """``describe``'s dict as (label, text) rows for a terminal."""
+    from rich.markup import escape
+
     from zoo.export.checkpoint import steps_text
     from zoo.summary import format_bytes
 
@@ -244,4 +267,8 @@ def rows(info: dict[str, Any]) -> list[tuple[str, str]]:
         out.append((f"{name} sha256", digest))
     if info.get("disk_bytes") is not None:
         out.append(("on disk", format_bytes(info["disk_bytes"])))
+    if info["kind"] == "checkpoint":
+        out.append(("arrays", "not read by zoo info; loading (zoo run, zoo generate, zoo.load) verifies the "
+                              "content sha256"))
+    out += [("[yellow]problem[/]", escape(problem)) for problem in info.get("problems", [])]
     return out

@@ -57,11 +57,11 @@ def axis_sizes(parallel: ParallelConfig, num_devices: int) -> tuple[int, ...]:
     data = parallel.data_axis_size
     if data == -1:
         if num_devices % fixed:
-            raise ShardingError(f"parallel: fsdp × pipeline × model sizes = {fixed} must divide the {num_devices} "
+            raise ShardingError(f"parallel: fsdp × model sizes = {fixed} must divide the {num_devices} "
                                 f"device(s) to infer data_axis_size=-1")
         data = num_devices // fixed
     if data * fixed != num_devices:
-        raise ShardingError(f"parallel: data × fsdp × pipeline × model sizes = {data * fixed} but {num_devices} "
+        raise ShardingError(f"parallel: data × fsdp × model sizes = {data * fixed} but {num_devices} "
                             f"device(s) are available; set the sizes so that their product is {num_devices} "
                             f"(data_axis_size=-1 infers it)")
     return data, parallel.fsdp_axis_size, parallel.pipeline_axis_size, parallel.model_axis_size

@@ -16,10 +16,12 @@ Every field of the source config is mapped into the zoo config, stored in the ch
 ``IGNORED_NEURIPS`` (kernel and runtime choices, fields xlstm derives itself), or refused by name: a
 value the zoo cannot represent, or a field the converter does not know. Everything is checked
 before a byte is written: every tensor the model needs must be present with the right shape, no
-tensor may be left over. Tensors are then read, transformed and cast one at a time.
+tensor may be left over, every file must read. Tensors are then read and transformed one at a time,
+keeping their dtype.
 
 Both directions handle every parameter layout the zoo produces: blocks stacked on a leading axis
 (``scan_blocks: true``) or one subtree per block, tied or untied heads, float32 or bfloat16 params.
+``to_torch`` also writes the full zoo config (``zoo_config.json``), so zoo -> torch -> zoo is lossless.
 """
 
 from __future__ import annotations
@@ -27,10 +29,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,18 +39,28 @@ import jax
 import numpy as np
 
 from zoo.config import ModelConfig, proj_up_dim
+from zoo.staging import staged
 
 XLSTM_LARGE = "xlstm_large"
 HF_XLSTM = "hf_xlstm"
 NEURIPS = "neurips"
 BACKEND = {"name": "chunkwise", "kwargs": {"chunk_size": 64}}
+ZOO_CONFIG = "zoo_config.json"
+"""The full zoo config, written by ``to_torch`` beside ``config.yaml`` (xlstm ignores it) and read back by
+``from_torch``: the settings xlstm_large cannot hold (context length, backends, init ranges, compute dtype,
+layout, tying, ...) survive the round trip."""
 TORCH_FOLDER = "a PyTorch xlstm folder (config.yaml or config.json, and model.safetensors or shards)"
 ZOO_CHECKPOINT = "an mlstm_v1 zoo checkpoint folder (written by `zoo build`, `zoo convert torch` or zoo.save)"
 
 
 class ConvertError(ValueError):
-    """The source cannot be converted exactly: a wrong folder, a missing, unexpected or misshapen tensor, or a
-    config field that cannot be represented."""
+    """The source cannot be converted exactly: a wrong folder, an unreadable file, a missing, unexpected or
+    misshapen tensor, or a config field that cannot be represented."""
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
 
 
 # -- the source folder and its config ----------------------------------------------------------
@@ -73,61 +83,90 @@ def _torch_folder(src: str | os.PathLike) -> Path:
     raise ConvertError(f"{found.path}: expected {TORCH_FOLDER}; found {what}")
 
 
-def read_source_config(src: Path) -> tuple[str, dict[str, Any]]:
-    """The format name (``xlstm_large``, ``hf_xlstm`` or ``neurips``) and the PyTorch config dict in ``src``."""
+def read_source_config(src: Path) -> tuple[str, dict[str, Any], Path]:
+    """The format name (``xlstm_large``, ``hf_xlstm`` or ``neurips``), the PyTorch config dict in ``src`` and
+    the file it came from.
+
+    Raises ``ConvertError`` naming the file when there is none, or when it is unreadable, not UTF-8, over
+    ``zoo.api.MAX_CONFIG_BYTES``, malformed, nested deeper than ``zoo.api.MAX_CONFIG_DEPTH`` or not a mapping.
+    """
+    from zoo.api import MAX_CONFIG_BYTES, ConfigSourceError, _check_depth
+
     for name in ("config.yaml", "config.yml", "config.json"):
         path = src / name
         if path.is_file():
             break
     else:
         raise ConvertError(f"{src}: expected {TORCH_FOLDER}; found no config.yaml or config.json")
-    text = path.read_text(encoding="utf-8")
     try:
+        size = path.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise ConvertError(f"{path}: {size:,} bytes is over the {MAX_CONFIG_BYTES:,}-byte limit of a config file")
+        text = path.read_text(encoding="utf-8")
         if path.suffix == ".json":
             data = json.loads(text)
         else:
             import yaml
 
             data = yaml.safe_load(text)
-    except Exception as exc:  # JSON, YAML or nesting errors: the file is not a config
-        lines = str(exc).strip().splitlines()
-        raise ConvertError(f"{path} cannot be parsed: {lines[0] if lines else type(exc).__name__}") from None
+        _check_depth(data, str(path))
+    except ConvertError:
+        raise
+    except ConfigSourceError as exc:
+        raise ConvertError(str(exc)) from None
+    except OSError as exc:
+        raise ConvertError(f"{path} cannot be read: {exc.strerror or _first_line(exc)}") from None
+    except Exception as exc:  # not UTF-8, JSON or YAML or nesting errors: the file is not a config
+        raise ConvertError(f"{path} cannot be parsed: {_first_line(exc)}") from None
     if not isinstance(data, dict):
         raise ConvertError(f"{path}: the top level must be a mapping")
     if "mlstm_block" in data or "slstm_block" in data:
-        return NEURIPS, data
+        return NEURIPS, data, path
     if "model_type" in data:
-        return HF_XLSTM, data
+        return HF_XLSTM, data, path
     if not {"num_heads", "embedding_dim", "hidden_size"} & set(data):
         raise ConvertError(f"{path} is neither an xlstm_large or Hugging Face xlstm config (num_heads, "
                            f"embedding_dim, ...) nor a NeurIPS xLSTMLMModelConfig (mlstm_block, ...)")
-    return XLSTM_LARGE, data
+    return XLSTM_LARGE, data, path
 
 
-def _shard_files(src: Path) -> list[Path]:
+def _shard_files(src: Path) -> tuple[list[Path], dict[str, Path] | None]:
+    """The safetensors files of ``src`` and, for an index, the file it names for each tensor."""
     single = src / "model.safetensors"
     if single.is_file():
-        return [single]
+        return [single], None
     index = src / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = [(src / name).resolve() for name in sorted(set(weight_map.values()))]
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except Exception as exc:  # unreadable, not UTF-8, malformed, or no weight_map
+            raise ConvertError(f"{index} cannot be read as a safetensors index: {type(exc).__name__}: "
+                               f"{_first_line(exc)}") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ConvertError(f"{index}: weight_map must map tensor names to shard file names")
+        where = {key: (src / name).resolve() for key, name in weight_map.items()}
+        files = sorted(set(where.values()))
         outside = [str(f) for f in files if not f.is_relative_to(src.resolve())]
         if outside:
             raise ConvertError(f"{index} names shard files outside {src}: {', '.join(outside)}; refusing them")
-        return files
-    shards = sorted(src.glob("model_*.safetensors"), key=lambda p: int(p.stem.split("_")[-1])
-                    if p.stem.split("_")[-1].isdigit() else p.stem)
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise ConvertError(f"{index} names shard file(s) that {src} does not hold: {', '.join(missing)}")
+        return files, where
+    shards = sorted(src.glob("model_*.safetensors"), key=lambda p: (0, int(p.stem.split("_")[-1]), "")
+                    if p.stem.split("_")[-1].isdigit() else (1, 0, p.stem))
     if not shards:
         raise ConvertError(f"{src}: expected {TORCH_FOLDER}; found no model.safetensors, model_N.safetensors shards "
                            f"or index")
-    return shards
+    return shards, None
 
 
 class TensorSource:
     """Lazy access to the tensors of one or more safetensors files: names and shapes first, data on demand."""
 
-    def __init__(self, files: list[Path], stack: ExitStack) -> None:
+    def __init__(self, files: list[Path], stack: ExitStack, where: Mapping[str, Path] | None = None) -> None:
+        """Raises ``ConvertError`` naming the file that is not a complete safetensors file, a tensor found in
+        two files, or a tensor ``where`` (an index) places in another file or that no file holds."""
         from safetensors import safe_open
 
         self._handles: dict[str, Any] = {}
@@ -135,25 +174,37 @@ class TensorSource:
         self.dtypes: dict[str, str] = {}
         self.nbytes = 0
         for path in files:
-            handle = stack.enter_context(safe_open(str(path), framework="numpy"))
-            for key in handle.keys():
+            try:
+                handle = stack.enter_context(safe_open(str(path), framework="numpy"))
+                pieces = {key: handle.get_slice(key) for key in handle.keys()}
+                found = {key: (tuple(p.get_shape()), p.get_dtype()) for key, p in pieces.items()}
+            except Exception as exc:  # truncated, not safetensors, unreadable
+                raise ConvertError(f"{path} is not a readable safetensors file: {_first_line(exc)}") from None
+            for key, (shape, dtype) in found.items():
                 if key in self._handles:
                     raise ConvertError(f"tensor {key!r} appears in more than one shard")
-                piece = handle.get_slice(key)
+                if where is not None and where.get(key) != path.resolve():
+                    raise ConvertError(f"tensor {key!r} is in {path.name}, but the index places it in "
+                                       f"{where[key].name if key in where else 'no file'}")
                 self._handles[key] = (handle, path)
-                self.shapes[key] = tuple(piece.get_shape())
-                self.dtypes[key] = piece.get_dtype()
-                self.nbytes += math.prod(self.shapes[key]) * _itemsize(self.dtypes[key])
+                self.shapes[key], self.dtypes[key] = shape, dtype
+                self.nbytes += math.prod(shape) * _itemsize(dtype)
+        absent = sorted(set(where or ()) - set(self.shapes))
+        if absent:
+            raise ConvertError(f"the index places tensor(s) {', '.join(absent[:8])} in files that do not hold them")
 
     def get(self, key: str) -> np.ndarray:
-        """One tensor as a NumPy array (bfloat16 through ml_dtypes)."""
+        """One tensor as a NumPy array (bfloat16 through ml_dtypes); ``ConvertError`` when it cannot be read."""
         handle, path = self._handles[key]
-        if self.dtypes[key] != "BF16":
-            return handle.get_tensor(key)
-        from safetensors import safe_open
+        try:
+            if self.dtypes[key] != "BF16":
+                return handle.get_tensor(key)
+            from safetensors import safe_open
 
-        with safe_open(str(path), framework="flax") as flax_handle:  # older safetensors: no NumPy bfloat16
-            return np.asarray(flax_handle.get_tensor(key))
+            with safe_open(str(path), framework="flax") as flax_handle:  # older safetensors: no NumPy bfloat16
+                return np.asarray(flax_handle.get_tensor(key))
+        except Exception as exc:  # the file changed or broke after its header was read
+            raise ConvertError(f"{path}: tensor {key!r} cannot be read: {_first_line(exc)}") from None
 
 
 def _itemsize(dtype: str) -> int:
@@ -172,7 +223,7 @@ IGNORED_LARGE: dict[str, str] = {
     "norm_reduction_force_float32": "the zoo's norms always reduce in float32 (or wider)",
     "weight_mode": "the tensor names tell single from fused weights",
     **dict.fromkeys(("dtype", "torch_dtype"), "the tensors' own dtype sets the default compute dtype (`--dtype` "
-                                              "overrides it); params are stored in float32"),
+                                              "overrides it); params keep the tensors' dtype"),
     **dict.fromkeys(("transformers_version", "architectures", "_name_or_path", "output_hidden_states",
                      "output_attentions", "return_dict", "chunk_size_feed_forward", "is_encoder_decoder",
                      "id2label", "label2id", "problem_type"), HF_SETTING),
@@ -384,8 +435,8 @@ def same(w: np.ndarray) -> np.ndarray:
 
 
 def one_plus(w: np.ndarray) -> np.ndarray:
-    """NeurIPS LayerNorms store ``w`` and apply ``1 + w``."""
-    return 1 + w
+    """NeurIPS LayerNorms store ``w`` and apply ``1 + w`` (in float32: a narrower dtype may not hold it)."""
+    return 1 + np.asarray(w, np.float32)
 
 
 HEAD = "lm_head.weight"
@@ -450,7 +501,7 @@ def mapping_neurips(cfg: ModelConfig, keys: set[str]) -> dict[str, Source]:
     """zoo param path -> source, for a NeurIPS xLSTMLMModel of mLSTM blocks (one subtree per block)."""
     NH = cfg.layer.num_heads
     Di = cfg.derived_sizes()["inner_dim"]
-    heads = lambda w: (1 + w).reshape(NH, -1)  # noqa: E731
+    heads = lambda w: one_plus(w).reshape(NH, -1)  # noqa: E731
     out = {"token_embedding/embedding": Source("token_embedding.weight", same)}
     if not cfg.tie_weights:
         out["lm_head/kernel"] = Source(HEAD, transpose)
@@ -542,6 +593,8 @@ class ConversionReport:
     checkpoint: Path
     tensors: int
     source_bytes: int
+    zoo_config: bool = False
+    """Whether a ``ZOO_CONFIG`` beside the source config supplied the zoo-only settings."""
 
 
 @dataclass
@@ -562,18 +615,9 @@ def _new_output(out: str | os.PathLike) -> Path:
     return out_dir
 
 
-@contextmanager
-def _staged(out_dir: Path) -> Iterator[Path]:
+def _staged(out_dir: Path) -> AbstractContextManager[Path]:
     """A path to write into, renamed to ``out_dir`` when the block succeeds and removed when it fails."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".converting-", dir=out_dir.parent))  # same filesystem: rename is atomic
-    try:
-        yield staging / "out"
-        if out_dir.exists():
-            out_dir.rmdir()
-        (staging / "out").rename(out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    return staged(out_dir, prefix=".converting-")
 
 
 def _check_sources(mapping: Mapping[str, Source], shapes: Mapping[str, tuple[int, ...]], source: TensorSource,
@@ -605,7 +649,19 @@ def _read(source: TensorSource, spec: Source, path: str, expected: tuple[int, ..
     if tuple(value.shape) != expected:
         raise ConvertError(f"tensor {spec.key} has shape {tuple(source.shapes[spec.key])}, which "
                            f"gives {tuple(value.shape)} for {path}; the config needs {expected}")
-    return np.asarray(value, np.float32)
+    return value
+
+
+PARAM_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+"""Source tensor dtypes a param keeps; others are refused by name rather than cast."""
+
+
+def _check_dtypes(mapping: Mapping[str, Source], source: TensorSource) -> None:
+    odd = sorted({f"{s.key} ({source.dtypes[s.key]})" for s in mapping.values()
+                  if source.dtypes[s.key] not in PARAM_DTYPES})
+    if odd:
+        raise ConvertError(f"tensor(s) {', '.join(odd[:8])} have a dtype params cannot keep exactly; expected "
+                           f"{', '.join(PARAM_DTYPES)}")
 
 
 def _source_dtype(source: TensorSource) -> str:
@@ -622,57 +678,144 @@ def _ffn_dim(source: TensorSource) -> int:
     raise ConvertError("missing tensor(s): backbone.blocks.0.ffn.proj_up.weight")
 
 
-def from_torch(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str | None = None, scan_blocks: bool = False,
+SOURCE_FIELDS = {
+    "vocab_size": ("vocab_size",), "embedding_dim": ("embedding_dim", "hidden_size"),
+    "num_blocks": ("num_blocks", "num_hidden_layers"), "mlstm_block.mlstm.num_heads": ("num_heads",),
+    "mlstm_block.mlstm.qk_dim_factor": ("qk_dim_factor",), "mlstm_block.mlstm.v_dim_factor": ("v_dim_factor",),
+    "mlstm_block.mlstm.mlstm_cell.gate_soft_cap": ("gate_soft_cap",), "logits_soft_cap": ("output_logit_soft_cap",),
+    "norm_eps": ("norm_eps",), "mlstm_block.mlstm.mlstm_cell.norm_eps": ("norm_eps",),
+}
+"""zoo config path -> the xlstm_large / Hugging Face fields it comes from (NeurIPS fields keep the zoo's paths)."""
+
+
+def _validated(zoo_dict: dict[str, Any], torch_config: Mapping[str, Any], where: Path) -> ModelConfig:
+    """``zoo_dict`` as a ``ModelConfig``; else one ``ConvertError`` line naming the source fields and the zoo's
+    complaint about each."""
+    from pydantic import ValidationError
+
+    from zoo.api import load_config
+
+    try:
+        return load_config(zoo_dict)
+    except ValidationError as exc:
+        problems: dict[str, list[str]] = {}
+        for error in exc.errors(include_url=False):
+            loc = ".".join(str(part) for part in error["loc"])
+            names = [n for n in (*SOURCE_FIELDS.get(loc, ()), loc, loc.replace("mlstm_block.mlstm.", "mlstm_block."
+                     "mlstm_layer.")) if _dotted(torch_config, n) is not _MISSING]
+            given = f"{names[0]}={_dotted(torch_config, names[0])!r} " if names else ""
+            problems.setdefault(given, []).append(f"{loc}: {error['msg']}")
+        raise ConvertError(f"{where.name}: " + "; ".join(f"{given}gives an invalid zoo config: {'; '.join(why)}"
+                                                         for given, why in problems.items())) from None
+
+
+def _dotted(cfg: Mapping[str, Any], name: str) -> Any:
+    for part in name.split("."):
+        if not isinstance(cfg, Mapping) or part not in cfg:
+            return _MISSING
+        cfg = cfg[part]
+    return cfg
+
+
+def _stored_zoo_config(src: Path, fmt: str, from_source: ModelConfig, where: Path) -> ModelConfig | None:
+    """The ``ZOO_CONFIG`` beside the source config, when there is one; it must agree with ``from_source`` (the
+    model the source config describes) on every field xlstm_large holds, else ``ConvertError`` names them."""
+    from pydantic import ValidationError
+
+    from zoo.api import ConfigSourceError, load_config
+
+    path = src / ZOO_CONFIG
+    if not path.exists():
+        return None
+    if fmt != XLSTM_LARGE:
+        raise ConvertError(f"{path}: `zoo convert to-torch` writes it beside an xlstm_large config.yaml; found it "
+                           f"beside a {fmt} config; remove it")
+    try:
+        stored = load_config(path)
+        theirs = xlstm_large_config(stored)
+    except ConfigSourceError as exc:
+        raise ConvertError(str(exc)) from None
+    except OSError as exc:
+        raise ConvertError(f"{path} cannot be read: {exc.strerror or _first_line(exc)}") from None
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        raise ConvertError(f"{path} holds an invalid zoo config: {'.'.join(map(str, first['loc']))}: "
+                           f"{first['msg']}") from None
+    except ConvertError as exc:
+        raise ConvertError(f"{path}: {exc}") from None
+    ours = xlstm_large_config(from_source)
+    differ = [f"{k}={ours[k]!r} in {where.name} but {theirs[k]!r} in {ZOO_CONFIG}"
+              for k in ours if ours[k] != theirs[k]]
+    if differ:
+        raise ConvertError(f"{where.name} and {ZOO_CONFIG} describe different models: {'; '.join(differ)}; remove "
+                           f"{ZOO_CONFIG} to convert from {where.name} alone")
+    return stored
+
+
+def from_torch(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str | None = None,
+               scan_blocks: bool | None = None,
                progress: Callable[[str, int, int, int], None] | None = None) -> ConversionReport:
     """Convert a PyTorch xlstm checkpoint folder into a new zoo checkpoint at ``out``.
 
-    ``dtype`` is the compute dtype of the zoo config (default: bfloat16 for bfloat16 tensors, else
-    float32); params are stored in float32. ``scan_blocks`` stacks the blocks' params on a leading
-    axis (the layout of the ``mlstm_v1`` presets). A tied head (``tie_word_embeddings`` /
-    ``tie_weights``) may be absent or equal to the embedding. The source token ids
-    (``TOKEN_FIELDS``) go into the metadata under ``tokens``. ``progress(param, nbytes,
-    total_params, total_bytes)`` is called after each parameter.
+    The zoo config comes from the source config; when a ``ZOO_CONFIG`` (written by ``to_torch``) sits
+    beside it and agrees with it, from that, so a zoo -> torch -> zoo round trip gives back the same
+    config and bitwise-equal params. ``dtype`` overrides the compute dtype (default: the stored zoo
+    config's, else bfloat16 for bfloat16 tensors, else float32); params keep each tensor's dtype
+    (float32, bfloat16 or float16; NeurIPS norms, stored as ``w`` for ``1 + w``, become float32).
+    ``scan_blocks`` stacks the blocks' params on a leading axis (default: the stored zoo config's,
+    else not). A tied head (``tie_word_embeddings`` / ``tie_weights`` / the stored ``tie_weights``)
+    may be absent or equal to the embedding. The source token ids (``TOKEN_FIELDS``) go into the
+    metadata under ``tokens``. ``progress(param, nbytes, total_params, total_bytes)`` is called
+    after each parameter.
 
-    Raises ``ConvertError`` (naming the folder, tensor or config field) before anything is written.
+    Raises ``ConvertError`` (one line naming the folder, file, tensor or config field) before
+    anything is written.
     """
     from zoo.api import load_config
     from zoo.export.checkpoint import save
 
     src_dir = _torch_folder(src)
     out_dir = _new_output(out)
-    fmt, torch_config = read_source_config(src_dir)
+    fmt, torch_config, config_path = read_source_config(src_dir)
     with ExitStack() as stack:
-        source = TensorSource(_shard_files(src_dir), stack)
+        files, where = _shard_files(src_dir)
+        source = TensorSource(files, stack, where)
         keys = set(source.shapes)
         zoo_dict, tokens = map_config(fmt, torch_config, dtype=dtype or _source_dtype(source),
                                       ffn_dim=0 if fmt == NEURIPS else _ffn_dim(source))
-        try:
-            config = load_config({**zoo_dict, "scan_blocks": False})
-        except Exception as exc:  # a source config the zoo cannot express
-            raise ConvertError(f"the source config does not map to a valid zoo config: {exc}") from exc
+        config = _validated({**zoo_dict, "scan_blocks": False}, torch_config, config_path)
+        stored = _stored_zoo_config(src_dir, fmt, config, config_path)
+        final = stored.model_dump(mode="json") if stored else zoo_dict
+        final |= {"dtype": dtype} if dtype else {}
+        final["scan_blocks"] = bool(stored and stored.scan_blocks) if scan_blocks is None else scan_blocks
+        config = load_config({**final, "scan_blocks": False})
         shapes = _flat_shapes(config)
         mapping = (mapping_neurips if fmt == NEURIPS else mapping_xlstm_large)(config, keys)
         _check_sources(mapping, shapes, source, optional={HEAD} if config.tie_weights else set())
+        _check_dtypes(mapping, source)
         embedding = mapping["token_embedding/embedding"].key
         if config.tie_weights and HEAD in keys and not np.array_equal(source.get(HEAD), source.get(embedding)):
-            tie = "tie_weights" if fmt == NEURIPS else "tie_word_embeddings"
-            raise ConvertError(f"tensor {HEAD!r} differs from {embedding!r} although the config ties them "
-                               f"({tie}: true); set {tie}: false to keep a separate head")
+            tie = "tie_weights" if fmt == NEURIPS or stored else "tie_word_embeddings"
+            ties = f"{ZOO_CONFIG} ties them (tie_weights" if stored else f"the config ties them ({tie}"
+            raise ConvertError(f"tensor {HEAD!r} differs from {embedding!r} although {ties}: true); set {tie}: "
+                               f"false to keep a separate head")
         flat = {}
-        total_bytes = sum(4 * math.prod(shape) for shape in shapes.values())
+        total_bytes = sum(math.prod(shape) * _itemsize(source.dtypes[mapping[path].key])
+                          for path, shape in shapes.items())
         for path, expected in shapes.items():
             flat[path] = _read(source, mapping[path], path, expected)
             if progress:
                 progress(path, flat[path].nbytes, len(shapes), total_bytes)
-    if scan_blocks:
-        config = load_config({**zoo_dict, "scan_blocks": True})
+    config = load_config(final)
+    if config.scan_blocks:
         flat = stack_blocks(flat, config.num_blocks)
-    metadata: dict[str, Any] = {"converted_from": {"format": fmt, "path": str(src_dir), "config": torch_config}}
+    metadata: dict[str, Any] = {"converted_from": {"format": fmt, "path": str(src_dir), "config": torch_config,
+                                                   "zoo_config": stored is not None}}
     if tokens:
         metadata["tokens"] = tokens
     with _staged(out_dir) as staging:
         save(staging, config, _unflatten(flat), extra_metadata=metadata)
-    return ConversionReport(fmt, out_dir, len(shapes), source.nbytes)
+    return ConversionReport(fmt, out_dir, len(shapes), source.nbytes, stored is not None)
 
 
 # -- zoo -> xlstm_large --------------------------------------------------------------------------
@@ -741,7 +884,9 @@ def torch_tensors(config: ModelConfig, params: Any) -> dict[str, np.ndarray]:
 
 def to_torch(checkpoint: str | os.PathLike, out: str | os.PathLike, *, step: int | None = None) -> TorchExport:
     """Write step ``step`` (default: the latest) of an ``mlstm_v1`` zoo checkpoint as ``model.safetensors`` +
-    ``config.yaml`` in xlstm_large format, loadable by ``xlstm.xlstm_large.from_pretrained.load_from_pretrained``.
+    ``config.yaml`` in xlstm_large format, loadable by ``xlstm.xlstm_large.from_pretrained.load_from_pretrained``,
+    plus the full zoo config as ``ZOO_CONFIG`` (which ``from_torch`` reads back). Tensors keep the params'
+    dtypes.
 
     Raises ``ConvertError`` for a path that is not a zoo checkpoint folder, a step it does not hold,
     or a config field xlstm_large cannot hold, before anything is written.
@@ -768,4 +913,5 @@ def to_torch(checkpoint: str | os.PathLike, out: str | os.PathLike, *, step: int
         folder.mkdir()
         save_file(tensors, str(folder / "model.safetensors"))
         (folder / "config.yaml").write_text(yaml.safe_dump(torch_config, sort_keys=False))
+        (folder / ZOO_CONFIG).write_text(json.dumps(config.model_dump(mode="json"), indent=1) + "\n")
     return TorchExport(out_dir, str(ref), len(tensors), sum(t.nbytes for t in tensors.values()))

@@ -76,7 +76,8 @@ class PathKind:
         if self.kind == "step":
             parent = self.path.parent
             return (f"step folder {self.path.name} of the checkpoint {parent}; pass {parent} with "
-                    f"--step {self.path.name} (step={self.path.name} in Python)")
+                    f"--step {self.path.name} (step={self.path.name} in Python) to read it, or build or save into "
+                    f"{parent} to add a step")
         if self.kind == "checkpoint":
             return "a zoo checkpoint folder"
         if self.kind == "torch":
@@ -223,6 +224,11 @@ def _holds_steps(root: Path) -> bool:
     return any(child.name.isdigit() or "orbax-checkpoint-tmp" in child.name for child in root.iterdir())
 
 
+def _check_directory(directory: Any) -> None:
+    if not isinstance(directory, (str, os.PathLike)):
+        raise TypeError(f"directory must be a path (str or os.PathLike), got {type(directory).__name__}")
+
+
 def save(directory: str | os.PathLike, config: ModelConfig, params: Any,
          extra_metadata: dict[str, Any] | None = None, *, force: bool = False) -> Path:
     """Save ``params`` and ``config`` as a new step under ``directory``; returns the step's folder.
@@ -231,14 +237,22 @@ def save(directory: str | os.PathLike, config: ModelConfig, params: Any,
     ``CheckpointRefused`` for a non-empty folder that is not a checkpoint, and for a checkpoint whose
     latest step holds another parameter tree (other paths, shapes or dtypes; the message names the
     first difference) unless ``force``, which adds the step anyway. ``extra_metadata`` (JSON) is
-    stored with the metadata, e.g. where a converted model came from.
+    stored with the metadata, e.g. where a converted model came from. Raises ``TypeError`` for a
+    ``config`` that is not a ``ModelConfig``, and ``TypeError``/``ValueError`` naming the first path of
+    ``params`` that does not fit ``config`` (``zoo.api.check_params``), before anything is written.
     """
+    from zoo.api import check_config, check_params
+
+    _check_directory(directory)
+    check_params(check_config(config), params)
     root = check_save_target(directory, params, force=force)
     with _manager(root, create=True) as manager:
         latest = manager.latest_step()
         step = 0 if latest is None else latest + 1
         metadata = {**_metadata(config, params), **(extra_metadata or {})}
         metadata["metadata_sha256"] = json_hash(metadata)  # covers every other field
+        if jax.process_count() == 1:  # left by an interrupted save (Orbax would remove it too, with a warning)
+            shutil.rmtree(root / f"{step}.orbax-checkpoint-tmp", ignore_errors=True)
         try:
             with _failed_reads_silenced():
                 manager.save(step, args=ocp.args.Composite(
@@ -419,6 +433,10 @@ def _failed_reads_silenced() -> Iterator[None]:
             sys.stderr = original
             absl_log.removeFilter(hold)
         raise
+    except BaseException:  # Ctrl-C (zoo.cli.Interrupted): the CLI's message must reach the real stderr
+        sys.stderr = original
+        absl_log.removeFilter(hold)
+        raise
     sys.stderr = original
     absl_log.removeFilter(hold)
     original.write(captured.getvalue())
@@ -480,9 +498,21 @@ def load(directory: str | os.PathLike, step: int | None = None, *, dtype: Any = 
     when given. With a ``mesh`` each device reads only its own shards, laid out as the stored
     ``parallel`` section (updated with ``parallel``, and with the mesh's axis sizes) asks; the
     returned config carries that section. Any mesh works, whatever the checkpoint was saved on.
+    ``TypeError``, before anything is read, for a ``directory`` that is not a path, a ``step`` that is not an
+    integer, or a ``dtype`` that does not name a float dtype.
     """
     from zoo.api import param_shapes
 
+    _check_directory(directory)
+    if step is not None and (isinstance(step, bool) or not isinstance(step, (int, np.integer))):
+        raise TypeError(f"step must be an integer or None, got {type(step).__name__} {step!r}")
+    if dtype is not None:
+        try:
+            floating = jnp.issubdtype(jnp.dtype(dtype), jnp.floating)
+        except TypeError:
+            floating = False
+        if not floating:
+            raise TypeError(f"dtype must be a float dtype such as 'float32' or 'bfloat16', got {dtype!r}")
     root = _resolve(directory)
     step, config_json, metadata = _read_json(root, step)
     plugins = plugin_status(metadata)

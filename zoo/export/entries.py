@@ -42,11 +42,15 @@ class Entry:
 
 def check_request(config: ModelConfig, entries: Sequence[str], platforms: Sequence[str],
                   static: tuple[int, int] | None = None) -> None:
-    """Refuse unknown entries or platforms, backends not registered as ``exportable`` (naming both),
+    """Refuse unknown or repeated entries or platforms, backends not registered as ``exportable`` (naming both),
     platforms a backend does not declare, and a static sequence size over ``context_length``."""
     if static is not None and 0 < config.context_length < static[1]:
         raise ExportError(f"static sequence size {static[1]} exceeds context_length={config.context_length}, "
                           f"which bounds each forward or prefill call")
+    for kind, names in (("entries", entries), ("platforms", platforms)):
+        repeated = sorted({n for n in names if list(names).count(n) > 1})
+        if repeated:
+            raise ExportError(f"{kind} must each be named once (repeated: {', '.join(repeated)})")
     unknown = sorted(set(entries) - set(ENTRIES))
     if unknown or not entries:
         raise ExportError(f"entries must be among {', '.join(ENTRIES)} (got {', '.join(entries) or 'none'})")
@@ -108,11 +112,18 @@ def abstract_state(config: ModelConfig, batch: Any) -> Any:
 
 
 def new_directory(out_dir: str | os.PathLike) -> Path:
-    """Create ``out_dir`` (absolute), refusing one that already holds files."""
+    """``out_dir`` made absolute, checked to be new or an empty folder; creates nothing.
+
+    Exporters write into ``zoo.staging.staged(path)`` so that a failed or interrupted export leaves no
+    target folder behind. Raises ``ExportError`` for an empty path, a file, or a folder that holds files.
+    """
+    if not str(out_dir).strip():
+        raise ExportError("--out: expected a new folder for the artifact; got an empty path")
     out = Path(out_dir).expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out}: expected a new or empty folder for the artifact; found a file")
     if out.exists() and any(out.iterdir()):
         raise ExportError(f"{out} is not empty; export into a new directory")
-    out.mkdir(parents=True, exist_ok=True)
     return out
 
 

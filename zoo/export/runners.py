@@ -91,8 +91,7 @@ def _stablehlo(path: Path, manifest: dict[str, Any]) -> Artifact:
         raise ExportError(f"{path} was exported with weights {manifest['weights']!r}; zoo run needs 'file' (the "
                           "default) or 'baked': export it again")
     first = (_weights(path, manifest["weights_file"]),) if manifest["weights"] == "file" else ()
-    exported = {name: jax.jit(export.deserialize(inside(path, e["file"]).read_bytes()).call)
-                for name, e in manifest["entries"].items()}
+    exported = {name: jax.jit(_deserialize(inside(path, e["file"])).call) for name, e in manifest["entries"].items()}
     calls: dict[str, Any] = {}
     if "forward" in exported:
         calls["forward"] = lambda t: exported["forward"](*first, t)
@@ -105,6 +104,36 @@ def _stablehlo(path: Path, manifest: dict[str, Any]) -> Artifact:
                     (static["b"], static["s"]) if static else None, _context_length(manifest), calls)
 
 
+def _deserialize(file: Path) -> Any:
+    """The ``jax.export.Exported`` in ``file``; ExportError naming the file when it cannot be read back."""
+    from jax import export
+
+    try:
+        data = file.read_bytes()
+        return export.deserialize(data)
+    except OSError as exc:
+        raise ExportError(f"{file}: unreadable ({exc.strerror or exc})") from None
+    except Exception as exc:  # noqa: BLE001 - a truncated or foreign flatbuffer fails with struct/Index/Value errors
+        raise ExportError(f"{file} is not a whole jax.export entry ({len(data)} bytes: cut short or of another "
+                          f"kind; {type(exc).__name__}); export the model again") from None
+
+
+def config_hash_mismatch(root: Path, manifest: dict[str, Any]) -> str | None:
+    """Why ``manifest["config"]`` does not match its ``config_sha256`` (SHA-256 of the config JSON as written at
+    export); None when it matches or the manifest records no hash."""
+    import hashlib
+
+    from pydantic_core import to_json  # writes the JSON exactly as pydantic's model_dump_json did at export
+
+    recorded = manifest.get("config_sha256")
+    if recorded is None:
+        return None
+    if hashlib.sha256(to_json(manifest.get("config"))).hexdigest() != recorded:
+        return (f"{root / 'manifest.json'}: its config does not match the config_sha256 recorded at export "
+                "(edited or corrupted); export the model again")
+    return None
+
+
 def _context_length(manifest: dict[str, Any]) -> int:
     return int(manifest.get("config", {}).get("context_length", -1))
 
@@ -113,7 +142,13 @@ def _savedmodel(path: Path, manifest: dict[str, Any]) -> Artifact:
     from zoo.export.savedmodel import import_tensorflow
 
     tf = import_tensorflow("running a SavedModel")
-    loaded = tf.saved_model.load(str(path))
+    if (path / "saved_model.pb").is_file() and not (path / "variables").is_dir():
+        raise ExportError(f"{path}: a SavedModel needs its variables/ folder, which is missing; export the model again")
+    try:
+        loaded = tf.saved_model.load(str(path))
+    except (OSError, ValueError, tf.errors.OpError) as exc:  # TensorFlow's advice follows on further lines
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ExportError(f"{path}: TensorFlow cannot load this SavedModel ({first})") from None
     signatures = {name: loaded.signatures[e["signature"]] for name, e in manifest["entries"].items()}
 
     def split(result: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:
@@ -147,7 +182,8 @@ def open_artifact(path: str | os.PathLike, step: int | None = None) -> Artifact:
     """Load an export directory (by its ``manifest.json``) or the given (default: latest) step of a checkpoint.
 
     Raises ``CheckpointRefused`` for a path of another kind (saying what it is) and for ``step`` on an
-    export directory.
+    export directory, and ``ExportError`` (one line) for an export directory whose config does not match its
+    ``config_sha256`` or whose files cannot be read back.
     """
     from zoo.export.checkpoint import CHECKPOINT, CheckpointRefused, classify_path
 
@@ -157,6 +193,9 @@ def open_artifact(path: str | os.PathLike, step: int | None = None) -> Artifact:
         if step is not None:
             raise CheckpointRefused(f"{root}: --step selects a step of a checkpoint; this is a `zoo export` artifact")
         manifest = read_manifest(root)
+        mismatch = config_hash_mismatch(root, manifest)
+        if mismatch:
+            raise ExportError(mismatch)
         loaders = {"stablehlo": _stablehlo, "savedmodel": _savedmodel}
         if manifest.get("format") not in loaders:
             raise ExportError(f"{manifest_path} names format {manifest.get('format')!r}; zoo run knows "

@@ -26,6 +26,7 @@ from zoo.config import ModelConfig
 from zoo.export.entries import (ENTRIES, PLATFORMS, ExportError, check_request, common_manifest, make_entries,
                                 new_directory)
 from zoo.registry import hookimpl
+from zoo.staging import staged
 
 SIGNATURE_OF_ENTRY = {"forward": "serving_default", "prefill": "prefill", "step": "step"}
 
@@ -88,7 +89,8 @@ def export_savedmodel(config: ModelConfig, params: Any, out_dir: str | os.PathLi
 
     The params become one set of ``tf.Variable``s, in their own dtypes, read by every signature. Raises
     ``ExportError`` for weights other than ``"variables"``, for ``static`` or ``mlir`` (StableHLO options),
-    for an unknown entry or platform, and when TensorFlow is not installed.
+    for an unknown or repeated entry or platform, an ``out_dir`` that is a file or not empty, and when TensorFlow
+    is not installed. The folder is written under a staging name and renamed into place when complete.
     """
     if weights not in (None, "variables"):
         raise ExportError(f"savedmodel stores params as tf.Variables (weights 'variables'); got {weights!r}")
@@ -118,11 +120,12 @@ def export_savedmodel(config: ModelConfig, params: Any, out_dir: str | os.PathLi
             "inputs": _spec_rows(specs),
             "outputs": _spec_rows(concrete.structured_outputs),
         }
-    tf.saved_model.save(module, str(out), signatures=signatures)
     manifest = common_manifest(config, "savedmodel", platforms, entries)
     manifest.update({"entries": manifest_signatures, "weights": "variables", "tensorflow_version": tf.__version__,
                      "symbolic_dims": {"b": "batch size", "s": "sequence length"}})
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    with staged(out) as staging:  # a failed or interrupted save leaves no out_dir
+        tf.saved_model.save(module, str(staging), signatures=signatures)
+        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return out
 
 

@@ -30,6 +30,7 @@ from zoo.config import ModelConfig
 from zoo.export.entries import (ENTRIES, PLATFORMS, ExportError, abstract, check_request, common_manifest, describe,
                                 make_entries, new_directory)
 from zoo.registry import hookimpl
+from zoo.staging import staged
 
 STATIC_NOTE = ("static shapes, for runtimes without dynamic-shape support: IREE 3.13 refuses the symbolic "
                "embedding gather ('stablehlo.reshape' result must be statically shaped)")
@@ -70,7 +71,9 @@ def export_stablehlo(config: ModelConfig, params: Any, out_dir: str | os.PathLik
     artifact also serves every other checkpoint of the same config. ``weights="baked"`` inlines them
     as constants into each entry instead. ``static=(B, S)`` fixes batch and sequence sizes instead of
     leaving them symbolic. ``mlir=True`` also writes each entry's StableHLO text as ``{entry}.mlir``.
-    Raises ``ExportError`` for an unknown weights mode, entry, platform or a backend that is not exportable.
+    The files are written into a staging folder beside ``out_dir``, renamed into place when complete: a failed
+    or interrupted export leaves no ``out_dir``. Raises ``ExportError`` for an unknown weights mode, an unknown
+    or repeated entry or platform, a backend that is not exportable, and an ``out_dir`` that is a file or not empty.
     """
     weights = weights or "file"
     if weights not in WEIGHT_MODES:
@@ -78,46 +81,48 @@ def export_stablehlo(config: ModelConfig, params: Any, out_dir: str | os.PathLik
         raise ExportError(f"stablehlo weights must be 'file' or 'baked' (got {weights!r}){renamed}")
     check_request(config, entries, platforms, static)
     out = new_directory(out_dir)
-    flat = flat_weights(params)
-    names, treedef = list(flat), jax.tree_util.tree_structure(params)
-    manifest_entries = {}
-    for entry in make_entries(config, entries, static):
-        if weights == "baked":
-            fn = jax.jit(lambda *a, fn=entry.fn: fn(params, *a))
-            exported = export.export(fn, platforms=tuple(platforms))(*entry.args)
-            inputs = []
+    with staged(out) as staging:
+        staging.mkdir()
+        flat = flat_weights(params)
+        names, treedef = list(flat), jax.tree_util.tree_structure(params)
+        manifest_entries = {}
+        for entry in make_entries(config, entries, static):
+            if weights == "baked":
+                fn = jax.jit(lambda *a, fn=entry.fn: fn(params, *a))
+                exported = export.export(fn, platforms=tuple(platforms))(*entry.args)
+                inputs = []
+            else:
+                fn = jax.jit(lambda w, *a, fn=entry.fn: fn(
+                    jax.tree_util.tree_unflatten(treedef, [w[n] for n in names]), *a))
+                exported = export.export(fn, platforms=tuple(platforms))(abstract(flat), *entry.args)
+                inputs = describe(abstract(flat), "weights")
+            inputs += [d for arg, name in zip(entry.args, entry.arg_names) for d in describe(arg, name)]
+            (staging / f"{entry.name}.jax_exported").write_bytes(exported.serialize())
+            outputs = jax.tree_util.tree_unflatten(exported.out_tree, exported.out_avals)
+            manifest_entries[entry.name] = {
+                "file": f"{entry.name}.jax_exported",
+                "inputs": inputs,
+                "outputs": (describe(outputs, "logits") if entry.name == "forward"
+                            else describe(outputs[0], "logits") + describe(outputs[1], "state")),
+                # With several platforms, the StableHLO main takes the platform index first (cpu, cuda, tpu order).
+                "mlir_platform_index_argument": len(platforms) > 1,
+            }
+            if mlir:
+                (staging / f"{entry.name}.mlir").write_text(exported.mlir_module())
+                manifest_entries[entry.name]["mlir"] = f"{entry.name}.mlir"
+        manifest = common_manifest(config, "stablehlo", platforms, entries, static)
+        manifest.update({
+            "entries": manifest_entries,
+            "weights": weights,
+            "calling_convention_version": exported.calling_convention_version,
+        })
+        if weights == "file":
+            manifest.update(_write_weights(staging, flat))
+        if static is None:
+            manifest["symbolic_dims"] = {"b": "batch size", "s": "sequence length"}
         else:
-            fn = jax.jit(lambda w, *a, fn=entry.fn: fn(jax.tree_util.tree_unflatten(treedef, [w[n] for n in names]),
-                                                       *a))
-            exported = export.export(fn, platforms=tuple(platforms))(abstract(flat), *entry.args)
-            inputs = describe(abstract(flat), "weights")
-        inputs += [d for arg, name in zip(entry.args, entry.arg_names) for d in describe(arg, name)]
-        (out / f"{entry.name}.jax_exported").write_bytes(exported.serialize())
-        outputs = jax.tree_util.tree_unflatten(exported.out_tree, exported.out_avals)
-        manifest_entries[entry.name] = {
-            "file": f"{entry.name}.jax_exported",
-            "inputs": inputs,
-            "outputs": (describe(outputs, "logits") if entry.name == "forward"
-                        else describe(outputs[0], "logits") + describe(outputs[1], "state")),
-            # With several platforms, the StableHLO main takes the platform index first (cpu, cuda, tpu order).
-            "mlir_platform_index_argument": len(platforms) > 1,
-        }
-        if mlir:
-            (out / f"{entry.name}.mlir").write_text(exported.mlir_module())
-            manifest_entries[entry.name]["mlir"] = f"{entry.name}.mlir"
-    manifest = common_manifest(config, "stablehlo", platforms, entries, static)
-    manifest.update({
-        "entries": manifest_entries,
-        "weights": weights,
-        "calling_convention_version": exported.calling_convention_version,
-    })
-    if weights == "file":
-        manifest.update(_write_weights(out, flat))
-    if static is None:
-        manifest["symbolic_dims"] = {"b": "batch size", "s": "sequence length"}
-    else:
-        manifest["static_dims"] = {"b": static[0], "s": static[1], "why": STATIC_NOTE}
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+            manifest["static_dims"] = {"b": static[0], "s": static[1], "why": STATIC_NOTE}
+        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return out
 
 
