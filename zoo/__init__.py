@@ -17,7 +17,8 @@ __version__ = "0.1.0"
 from zoo.api import (  # noqa: E402
     TokenError, build, forward, init_params, init_state, load_config, param_count, param_shapes, prefill, step)
 from zoo.config import ModelConfig  # noqa: E402
+from zoo.errors import ZooError  # noqa: E402
 from zoo.export.checkpoint import load, save  # noqa: E402
 
-__all__ = ["ModelConfig", "TokenError", "__version__", "build", "forward", "init_params", "init_state", "load", "load_config",
-           "param_count", "param_shapes", "prefill", "save", "step"]
+__all__ = ["ModelConfig", "TokenError", "ZooError", "__version__", "build", "forward", "init_params", "init_state",
+           "load", "load_config", "param_count", "param_shapes", "prefill", "save", "step"]

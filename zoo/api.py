@@ -18,12 +18,13 @@ from jax.sharding import Mesh
 
 from zoo import presets, sharding
 from zoo.config import ModelConfig
+from zoo.errors import ZooError
 from zoo.model import LMModel
 
 Params = dict[str, Any]
 
 
-class ConfigSourceError(ValueError):
+class ConfigSourceError(ZooError, ValueError):
     """A config could not be read: missing file, unknown preset, malformed JSON, too large or too deep."""
 
 
@@ -247,7 +248,7 @@ def _run(config: ModelConfig, mode: str, params: Params, tokens: jax.Array, docu
     return _compiled(config.model_dump_json(), mode, mesh)(params, tokens, document_borders, state)
 
 
-class TokenError(ValueError):
+class TokenError(ZooError, ValueError):
     """Token ids the model cannot take: wrong shape or dtype, outside the vocabulary, or a prompt longer
     than ``context_length``. Raised on the host, before anything is dispatched to a device."""
 

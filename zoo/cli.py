@@ -121,29 +121,24 @@ def report_validation_error(source: str, exc: ValidationError) -> None:
 
 @contextmanager
 def bad_input_exits(source: str) -> Iterator[None]:
-    """Turn user-input errors into a short message on stderr and exit code 2."""
-    from zoo.api import ConfigSourceError, TokenError
-    from zoo.convert.torch import ConvertError
+    """Turn user-input errors (the ``ZooError`` family, config validation, OS errors) into a short message on
+    stderr and exit code 2: the one place the CLI maps errors to exit codes."""
+    from zoo.errors import ZooError
     from zoo.export.checkpoint import CheckpointError, CheckpointRefused
-    from zoo.export.entries import ExportError
-    from zoo.registry import UnknownPluginError
-    from zoo.sharding import ShardingError
 
     try:
         yield
     except ValidationError as exc:
         report_validation_error(source, exc)
-    except CheckpointRefused as exc:  # raised before Orbax reads anything: a normal exit is safe
-        err.print(f"[bold red]error:[/] {escape(str(exc))}")
     except CheckpointError as exc:
         err.print(f"[bold red]error:[/] {escape(str(exc))}")
-        # Orbax's reader threads may still be failing in the background; leave before their
-        # teardown prints tracebacks over the message above.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(EXIT_BAD_INPUT)
-    except (ConfigSourceError, ShardingError, ExportError, ConvertError, UnknownPluginError, TokenError,
-            OSError) as exc:
+        if not isinstance(exc, CheckpointRefused):  # refused before Orbax read anything: a normal exit is safe
+            # Orbax's reader threads may still be failing in the background; leave before their
+            # teardown prints tracebacks over the message above.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(EXIT_BAD_INPUT)
+    except (ZooError, OSError) as exc:
         err.print(f"[bold red]error:[/] {escape(str(exc))}")
     else:
         return

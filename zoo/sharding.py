@@ -37,12 +37,13 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from zoo.config import ModelConfig, ParallelConfig
+from zoo.errors import ZooError
 
 AXES = ("data", "fsdp", "pipeline", "model")  # ParallelConfig's <axis>_axis_size / <axis>_axis_name
 TP_LOGICAL = ("vocab", "heads", "inner", "mlp", "proj_blocks")
 
 
-class ShardingError(ValueError):
+class ShardingError(ZooError, ValueError):
     """A parallel layout that does not fit the devices, the batch or the model."""
 
 

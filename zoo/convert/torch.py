@@ -39,6 +39,7 @@ import jax
 import numpy as np
 
 from zoo.config import ModelConfig, proj_up_dim
+from zoo.errors import ZooError
 from zoo.staging import staged
 
 XLSTM_LARGE = "xlstm_large"
@@ -53,7 +54,7 @@ TORCH_FOLDER = "a PyTorch xlstm folder (config.yaml or config.json, and model.sa
 ZOO_CHECKPOINT = "an mlstm_v1 zoo checkpoint folder (written by `zoo build`, `zoo convert torch` or zoo.save)"
 
 
-class ConvertError(ValueError):
+class ConvertError(ZooError, ValueError):
     """The source cannot be converted exactly: a wrong folder, an unreadable file, a missing, unexpected or
     misshapen tensor, or a config field that cannot be represented."""
 

@@ -33,9 +33,10 @@ from pydantic import ValidationError
 
 from zoo import registry, sharding
 from zoo.config import ModelConfig
+from zoo.errors import ZooError
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(ZooError, RuntimeError):
     """A checkpoint is missing, incomplete, corrupted, or needs plugins that are not installed."""
 
 

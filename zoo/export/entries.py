@@ -20,13 +20,14 @@ from jax import export
 
 from zoo import registry
 from zoo.config import ModelConfig
+from zoo.errors import ZooError
 
 ENTRIES = ("forward", "prefill", "step")
 PLATFORMS = ("cpu", "cuda", "tpu")
 BACKEND_OF_ENTRY = {"forward": "backend", "prefill": "prefill_backend", "step": "step_backend"}
 
 
-class ExportError(ValueError):
+class ExportError(ZooError, ValueError):
     """A model cannot be exported as asked (for example, a backend that does not lower cleanly)."""
 
 

@@ -14,6 +14,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from zoo.errors import ZooError
+
 PLATFORMS = ("cpu", "cuda", "tpu")
 COMMON_METADATA = {"description", "override"}
 CELL_STATE_ARGS = ("c_initial", "n_initial", "m_initial", "return_last_states")
@@ -30,7 +32,7 @@ METADATA: dict[str, tuple[frozenset[str], frozenset[str]]] = {
 }
 
 
-class ContractError(ValueError):
+class ContractError(ZooError, ValueError):
     """A registered object or its metadata does not follow its kind's contract."""
 
 

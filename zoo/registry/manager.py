@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pluggy
+
+from zoo.errors import ZooError
 from . import hookspecs
 from .contracts import ContractError, check_registration
 from .hookspecs import HOOK_BY_KIND, KINDS, PROJECT
@@ -31,7 +33,7 @@ def _origin(plugin: str, dist: str | None, version: str | None) -> str:
     return f"{plugin} ({dist} {version or '?'})" if dist else plugin
 
 
-class PluginError(Exception):
+class PluginError(ZooError):
     """A plugin could not be loaded or registered."""
 
 
@@ -39,7 +41,7 @@ class PluginConflictError(PluginError):
     """Two plugins registered the same name for the same kind."""
 
 
-class UnknownPluginError(LookupError):
+class UnknownPluginError(ZooError, LookupError):
     """A name was resolved that no loaded plugin registered."""
 
     def __str__(self) -> str:  # LookupError quotes its message; keep it readable

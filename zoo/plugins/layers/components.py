@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from zoo.config import CellConfig
+from zoo.errors import ZooError
 from zoo.parts import Initializer, partitioned
 from zoo.registry import resolve
 
@@ -145,7 +146,7 @@ def run_cell(cell: CellConfig, q: jax.Array, k: jax.Array, v: jax.Array, i: jax.
     return h, (out or None)
 
 
-class CellError(RuntimeError):
+class CellError(ZooError, RuntimeError):
     """A cell backend plugin raised, or broke the cell contract (wrong output shapes); names the plugin."""
 
 

@@ -1,0 +1,27 @@
+"""The zoo's one error family: every error the zoo raises on purpose is a ``ZooError``.
+
+Each subclass also keeps its built-in base (``ValueError``, ``LookupError``, ``RuntimeError``), so
+``except ValueError`` in user code keeps working. The CLI maps the whole family to exit code 2 in one
+place (``zoo.cli.bad_input_exits``). The subclasses live with the code that raises them:
+
+==========================  ==========================  ================
+class                       where                       built-in base
+==========================  ==========================  ================
+``ConfigSourceError``       ``zoo.api``                 ``ValueError``
+``TokenError``              ``zoo.api``                 ``ValueError``
+``ShardingError``           ``zoo.sharding``            ``ValueError``
+``CheckpointError``         ``zoo.export.checkpoint``   ``RuntimeError``
+``ExportError``             ``zoo.export.entries``      ``ValueError``
+``ConvertError``            ``zoo.convert.torch``       ``ValueError``
+``PluginError``             ``zoo.registry``            ``Exception``
+``UnknownPluginError``      ``zoo.registry``            ``LookupError``
+``ContractError``           ``zoo.registry.contracts``  ``ValueError``
+``CellError``               ``zoo.plugins.layers``      ``RuntimeError``
+==========================  ==========================  ================
+"""
+
+from __future__ import annotations
+
+
+class ZooError(Exception):
+    """Base of every error the zoo raises on purpose: bad input, unreadable files, refused requests."""
