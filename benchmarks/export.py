@@ -245,7 +245,9 @@ def footprint(preset, zoo_path=None):
         sys.exit(f"footprint run failed:\n{proc.stderr[-3000:]}")
     record = json.loads(proc.stdout.strip().splitlines()[-1])
     record["export_rss_growth_bytes"] = record["peak_rss_during_export_bytes"] - record["rss_at_export_start_bytes"]
+    # export_s is the whole export, tracing and lowering included: a size and memory record, not a speed figure
     record.update(preset=preset, date=_dt.datetime.now().isoformat(timespec="seconds"),
+                  load_average_1_5_15_min=[round(x, 2) for x in os.getloadavg()],
                   method="fresh interpreter: zoo.init_params(load_config(preset), 0), then export_stablehlo with "
                          "every default; process peak RSS = resource.getrusage(RUSAGE_SELF).ru_maxrss; the export's "
                          "own peak = VmHWM of /proc/self/status, reset after init (5 > /proc/self/clear_refs)")

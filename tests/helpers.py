@@ -11,6 +11,22 @@ import numpy as np
 from zoo.registry import hookimpl, resolve
 
 
+def by_path(tree) -> dict[tuple[str, ...], np.ndarray]:
+    """The leaves of a nested dict of params keyed by their path of keys (("blocks", "w", ...): leaf)."""
+    return {tuple(k.key for k in path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def nested(items: dict[tuple[str, ...], np.ndarray]) -> dict:
+    """The nested dict that ``by_path`` flattens."""
+    tree: dict = {}
+    for path, value in items.items():
+        node = tree
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    return tree
+
+
 def perturbed(params, seed: int, scale: float):
     """``params`` with seeded Gaussian noise of std ``scale`` added to every leaf (zero-init leaves hide bugs)."""
     leaves, tree = jax.tree_util.tree_flatten(params)

@@ -15,7 +15,8 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("xlstm")
 transformers = pytest.importorskip("transformers")
 from safetensors.numpy import load_file, save_file  # noqa: E402
-from test_convert_torch import TOKENS, flat_tree, perturb  # noqa: E402
+from helpers import by_path  # noqa: E402
+from test_convert_torch import TOKENS, perturb  # noqa: E402
 
 
 def hf_model(seed, tie=False):
@@ -81,7 +82,7 @@ def test_a_tied_hugging_face_head_converts_tied_when_absent_or_equal_and_is_refu
     from_torch(tmp_path / "equal", tmp_path / "scanned", scan_blocks=True)
     config_scanned, scanned = zoo.load(tmp_path / "scanned")
     assert config_scanned.tie_weights and config_scanned.scan_blocks
-    per_block, stacked = flat_tree(params), flat_tree(scanned)
+    per_block, stacked = by_path(params), by_path(scanned)
     assert set(stacked) == {("blocks", *p[1:]) if p[0].startswith("blocks_") else p for p in per_block}
     for path, value in stacked.items():
         expected = (np.stack([per_block[(f"blocks_{i}", *path[1:])] for i in range(2)]) if path[0] == "blocks"

@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 import zoo
+from helpers import by_path, nested
 from zoo.convert.torch import ConvertError, from_torch, to_torch
 from zoo.export.checkpoint import read_metadata
 
@@ -168,32 +169,16 @@ def v1_reference():
     rng = np.random.default_rng(7)
     config = v1_config()
     flat = {path: (float(path[-1] == "scale") + 0.2 * rng.standard_normal(leaf.shape)).astype(np.float32)
-            for path, leaf in flat_tree(param_shapes(config)).items()}
+            for path, leaf in by_path(param_shapes(config)).items()}
     flat = {path: np.asarray(x.astype(ml_dtypes.bfloat16), np.float32) for path, x in flat.items()}
-    untied = unflatten(flat)
-    tied = unflatten({p: x for p, x in flat.items() if p[0] != "lm_head"})
+    untied = nested(flat)
+    tied = nested({p: x for p, x in flat.items() if p[0] != "lm_head"})
     logits = {tie: np.asarray(zoo.forward(v1_config(tie_weights=tie), params, TOKENS.astype(np.int32)))
               for tie, params in ((False, untied), (True, tied))}
     scanned = v1_config(scan_blocks=True)  # the zoo's own scan agrees with the stacking of layout() below
     np.testing.assert_allclose(zoo.forward(scanned, layout(flat, scanned, np.float32), TOKENS.astype(np.int32)),
                                logits[False], rtol=0, atol=1e-5 * float(np.abs(logits[False]).max()))
     return flat, logits
-
-
-def flat_tree(tree):
-    import jax
-
-    return {tuple(k.key for k in path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
-def unflatten(flat):
-    tree = {}
-    for path, value in flat.items():
-        node = tree
-        for part in path[:-1]:
-            node = node.setdefault(part, {})
-        node[path[-1]] = value
-    return tree
 
 
 def layout(flat, config, param_dtype):
@@ -203,7 +188,7 @@ def layout(flat, config, param_dtype):
         blocks = {p[1:] for p in out if p[0].startswith("blocks_")}
         out = {p: x for p, x in out.items() if not p[0].startswith("blocks_")} | {
             ("blocks", *p): np.stack([flat[(f"blocks_{i}", *p)] for i in range(config.num_blocks)]) for p in blocks}
-    return unflatten({p: x.astype(param_dtype) for p, x in out.items()})
+    return nested({p: x.astype(param_dtype) for p, x in out.items()})
 
 
 # scanned or not x tied or not x param dtype (pairwise), with both compute dtypes
@@ -249,7 +234,7 @@ def test_zoo_to_torch_to_zoo_is_bitwise_and_loads_in_pytorch_for_every_layout(tm
     report = from_torch(tmp_path / "torch", tmp_path / "back")
     config_back, params_back = zoo.load(tmp_path / "back")
     assert config_back == config and report.zoo_config  # zoo_config.json restored every setting
-    back, original = flat_tree(params_back), flat_tree(params)
+    back, original = by_path(params_back), by_path(params)
     assert back.keys() == original.keys()  # a tied head (a copy in xlstm_large) is dropped again
     for path, value in original.items():
         assert back[path].dtype == np.dtype(param_dtype) == value.dtype, path

@@ -21,6 +21,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding
 
 import zoo
+from helpers import by_path, nested
 from zoo.export.runners import greedy, open_artifact
 from zoo.export.stablehlo import export_stablehlo
 from zoo.generate import generate
@@ -60,24 +61,10 @@ def config_of(scan: bool, tie: bool, layer: str, dtype: str) -> zoo.ModelConfig:
                             "dtype": dtype, "scan_blocks": scan, "tie_weights": tie, "mlstm_block": LAYERS[layer]})
 
 
-def flat(tree) -> dict[tuple[str, ...], np.ndarray]:
-    return {tuple(k.key for k in path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
-def nested(items: dict[tuple[str, ...], np.ndarray]) -> dict:
-    tree: dict = {}
-    for path, value in items.items():
-        node = tree
-        for part in path[:-1]:
-            node = node.setdefault(part, {})
-        node[path[-1]] = value
-    return tree
-
-
 def reference(layer: str) -> dict[tuple[str, ...], np.ndarray]:
     """Per-block float32 params of an untied model whose values bfloat16 holds exactly (norm scales near 1)."""
     rng = np.random.default_rng(7)
-    shapes = flat(zoo.param_shapes(config_of(False, False, layer, "float32")))
+    shapes = by_path(zoo.param_shapes(config_of(False, False, layer, "float32")))
     values = {p: (float(p[-1] == "scale") + 0.2 * rng.standard_normal(s.shape)).astype(np.float32)
               for p, s in shapes.items()}
     return {p: x.astype(ml_dtypes.bfloat16).astype(np.float32) for p, x in values.items()}
@@ -97,7 +84,7 @@ def twin_params(config: zoo.ModelConfig, params) -> dict:
     """``params`` as float32, per block and untied: block ``i`` of a stacked leaf is its row ``i``, and a tied
     head becomes a separate copy of the transposed embedding."""
     out = {}
-    for path, leaf in flat(params).items():
+    for path, leaf in by_path(params).items():
         leaf = np.asarray(leaf, np.float32)
         if path[0] == "blocks":
             out |= {(f"blocks_{i}", *path[1:]): leaf[i] for i in range(config.num_blocks)}
@@ -182,7 +169,7 @@ def test_sharded_load_restores_the_saved_arrays_bitwise(layout):
     mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1, 1), ("dp", "fsdp", "pp", "tp"))
     config, params = zoo.load(layout.checkpoint, mesh=mesh)
     assert config.parallel is not None and (config.scan_blocks, config.tie_weights) == (layout.scan, layout.tie)
-    loaded, saved = flat(params), flat(layout.params)
+    loaded, saved = by_path(params), by_path(layout.params)
     assert loaded.keys() == saved.keys()
     for path, value in saved.items():
         assert loaded[path].dtype == value.dtype, path
@@ -190,7 +177,7 @@ def test_sharded_load_restores_the_saved_arrays_bitwise(layout):
         np.testing.assert_array_equal(np.asarray(loaded[path]), value, err_msg=str(path))
     # a cast on load, as a float32 checkpoint is read into bfloat16: the values rounded (exact here)
     _, cast = zoo.load(layout.checkpoint, mesh=mesh, dtype="bfloat16")
-    for path, value in flat(cast).items():
+    for path, value in by_path(cast).items():
         assert value.dtype == ml_dtypes.bfloat16, path
         np.testing.assert_array_equal(np.asarray(value, np.float32), saved[path].astype(np.float32))
     layout.assert_close(zoo.forward(config, params, PROMPTS), layout.twin_logits, "logits after a sharded load")
@@ -239,7 +226,7 @@ def test_savedmodel_artifact_matches_the_twin(made, tmp_path):
 
 def test_info_describes_the_layout_as_stored(layout):
     info = describe(layout.checkpoint)
-    saved = flat(layout.params)
+    saved = by_path(layout.params)
     count = sum(x.size for x in saved.values())
     nbytes = count * {"float32": 4, "bfloat16": 2}[layout.param_dtype]
     assert info["parameters"] == {"source": "stored", "count": count, "bytes": nbytes,
@@ -296,7 +283,7 @@ def test_cli_export_and_run(made, tmp_path):
 def test_cli_info(made):
     layout = made(CLI_LAYOUT)
     info = json.loads(cli("info", layout.checkpoint, "--json"))
-    count = sum(x.size for x in flat(layout.params).values())
+    count = sum(x.size for x in by_path(layout.params).values())
     assert info["parameters"]["by_dtype"] == {"bfloat16": {"count": count, "bytes": 2 * count}}
     assert {k: info["architecture"][k] for k in ("scan_blocks", "tie_weights", "layer_type", "dtype")} == {
         "scan_blocks": True, "tie_weights": True, "layer_type": "mlstm_v1", "dtype": "bfloat16"}
