@@ -12,7 +12,7 @@ import numpy as np
 import zoo
 from benchmarks.common import best_of_threads, interleaved, median, torch_thread_variants
 from benchmarks.models import replace_keys, torch_model, zoo_config, zoo_params
-from zoo.generate import generate, step_fn
+from zoo.inference import decode_loop, generate, step_fn
 
 
 def _torch_decode(model: Any, prompt: np.ndarray, new_tokens: int) -> float:
@@ -36,7 +36,7 @@ def latency_vs_context(cfg: Any, params: Any, contexts: list[int], steps: int, r
     of its state, round-robin over the contexts, so machine load hits all of them alike.
     """
     rng = np.random.default_rng(1)
-    step = step_fn(cfg)
+    fused = step_fn(cfg, params)
     states, prefill_s = {}, {}
     for context in contexts:
         prompt = rng.integers(0, cfg.vocab_size, (1, context)).astype(np.int32)
@@ -45,17 +45,16 @@ def latency_vs_context(cfg: Any, params: Any, contexts: list[int], steps: int, r
         prefill_s[context] = time.perf_counter() - t0
     key, temperature = jax.random.PRNGKey(0), jnp.float32(0.0)
 
+    def step(token: jax.Array, carry: tuple[Any, jax.Array]) -> tuple[jax.Array, tuple[Any, jax.Array]]:
+        token, state, k = fused(params, token, *carry, temperature)
+        return token, (state, k)
+
     def run(context):
         def go():
             state = jax.tree_util.tree_map(jnp.copy, states[context])  # donated by the step function
-            token = jnp.zeros((1,), jnp.int32)
             jax.block_until_ready(state)
-            t0 = time.perf_counter()
-            tok, k = token, key
-            for _ in range(steps):
-                tok, state, k = step(params, tok, state, k, temperature)
-            jax.block_until_ready(tok)
-            per_token[context].append((time.perf_counter() - t0) / steps)
+            out = decode_loop(step, jnp.zeros((1,), jnp.int32), (state, key), steps + 1)  # steps steps, all timed
+            per_token[context].append((out.first_step_s + out.decode_s) / steps)
         return go
 
     per_token: dict[int, list[float]] = {c: [] for c in contexts}

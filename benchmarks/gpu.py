@@ -1,6 +1,6 @@
 """Optional GPU kernel benchmark (not part of ``all``; nothing in CI uses it): zoo ``chunkwise`` forward+backward
-in bfloat16 at 65,536 tokens per step (B·S), the setup of the TFLA figures in the reference doc (§12), with
-mlstm_kernels' PyTorch kernels on the same GPU when that package is importable.
+in bfloat16 at 65,536 tokens per step (B·S), the setup of the TFLA kernel benchmarks of NX-AI's mlstm_kernels
+(github.com/NX-AI/mlstm_kernels), with its PyTorch kernels on the same GPU when that package is importable.
 
 ``python -m benchmarks.gpu OUT.json``. The zoo cell is loaded from its file with only JAX, because a GPU
 image may lack the zoo's other dependencies (pydantic is stubbed when missing; the cell uses none of it).
@@ -21,7 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-CELLS = Path(__file__).resolve().parent.parent / "zoo" / "plugins" / "cells"
+ZOO = Path(__file__).resolve().parent.parent / "zoo"
+CELLS = ZOO / "plugins" / "cells"
 SHAPES = [(8, 8192), (1, 65536)]  # (B, S) with B·S = 65,536
 NH, DQK, DV = 8, 256, 512
 
@@ -33,13 +34,15 @@ def _load_chunkwise():
         stub = types.ModuleType("pydantic")
         stub.BaseModel, stub.ConfigDict, stub.Field = object, (lambda **kw: kw), (lambda *a, **kw: None)
         sys.modules["pydantic"] = stub
-    for name in ("zoo", "zoo.plugins", "zoo.plugins.cells"):
+    for name in ("zoo", "zoo.nn", "zoo.plugins", "zoo.plugins.cells"):
         sys.modules.setdefault(name, types.ModuleType(name))
-    registry = types.ModuleType("zoo.registry")
-    registry.hookimpl = lambda f: f
-    sys.modules["zoo.registry"] = registry
-    for mod in ("common", "chunkwise"):
-        spec = importlib.util.spec_from_file_location(f"zoo.plugins.cells.{mod}", CELLS / f"{mod}.py")
+    stubs = {"zoo.registry": {"hookimpl": lambda f: f, "entry": None, "resolve": None},
+             "zoo.config": {"CellConfig": object}, "zoo.errors": {"ZooError": type("ZooError", (Exception,), {})}}
+    for name, attributes in stubs.items():
+        sys.modules[name] = types.ModuleType(name)
+        sys.modules[name].__dict__.update(attributes)
+    for name, path in (("zoo.nn.cell", ZOO / "nn" / "cell.py"), ("zoo.plugins.cells.chunkwise", CELLS / "chunkwise.py")):
+        spec = importlib.util.spec_from_file_location(name, path)
         module = importlib.util.module_from_spec(spec)
         sys.modules[spec.name] = module
         spec.loader.exec_module(module)

@@ -27,7 +27,7 @@ def main(config_path: str, tokens_path: str, out_path: str) -> None:
     params = zoo.init_params(config)  # sharded over both processes' devices
     logits = zoo.forward(config, params, tokens)
     optimizer = T.adamw(config, 1e-3, eps=1e-3)
-    state, loss = T.train_step(config, optimizer, T.init_state(config, params, optimizer), tokens)
+    state, loss = T.train_step(config, optimizer, T.init_train_state(config, params, optimizer), tokens)
     gathered = multihost_utils.process_allgather({"logits": logits, "params": state.params}, tiled=True)
     if jax.process_index() == 0:
         flat = {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(gathered)[0]}

@@ -1,6 +1,6 @@
 """Independent float64 NumPy reference for the xlstm-zoo mLSTM models.
 
-Written from the numerical contract in ``shared/docs/mlstm-reference.md`` (sections 1-7), NOT from the
+Written from the formulas of ``docs/numerics.md`` (sections 1-7), NOT from the
 implementation in ``zoo/``.  Everything here runs in float64 so that a comparison against the float32 JAX
 implementation exposes formula errors rather than rounding noise.
 
@@ -78,12 +78,12 @@ def soft_cap(x, cap):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# cells (section 4)
+# cells (docs/numerics.md §4)
 # ----------------------------------------------------------------------------------------------------------
 
 
 def parallel_stabilized_cell(q, k, v, i, f, eps=1e-6, return_aux=False):
-    """Parallel stabilized mLSTM (section 4.3), vectorized over any leading axes.
+    """Parallel stabilized mLSTM (docs/numerics.md §4.3), vectorized over any leading axes.
 
     q, k: (..., S, DQK); v: (..., S, DV); i, f: (..., S) gate pre-activations.
     Returns h (..., S, DV); with ``return_aux`` also (m, norm), both (..., S).
@@ -107,7 +107,7 @@ def parallel_stabilized_cell(q, k, v, i, f, eps=1e-6, return_aux=False):
 
 
 def recurrent_stabilized_cell(q, k, v, i, f, eps=1e-6, return_state=False):
-    """Recurrent stabilized mLSTM step form (section 4.2), looped over time, states start at zero.
+    """Recurrent stabilized mLSTM step form (docs/numerics.md §4.2), looped over time, states start at zero.
 
     Same shapes as :func:`parallel_stabilized_cell`.  With ``return_state`` also returns the final
     (C (..., DQK, DV), n (..., DQK), m (...)) in the k-unscaled convention.
@@ -141,7 +141,7 @@ def recurrent_stabilized_cell(q, k, v, i, f, eps=1e-6, return_state=False):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# norms (section 5)
+# norms (docs/numerics.md §5)
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -213,7 +213,7 @@ def causal_conv1d(x, kernel, bias):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# config helpers (defaults from section 2)
+# config helpers (defaults from docs/numerics.md §2.2)
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -283,7 +283,7 @@ def _ffn_cfg(cfg):
 
 
 def layer_dims(cfg):
-    """Derived widths of the configured layer (section 3.1)."""
+    """Derived widths of the configured layer (docs/numerics.md §3.1)."""
     D = cfg["embedding_dim"]
     lc = _layer_cfg(cfg)
     NH = lc["num_heads"]
@@ -307,7 +307,7 @@ def layer_dims(cfg):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# expected parameter tree (from the brief / section 3.5)
+# expected parameter tree (docs/numerics.md §3.4)
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -383,7 +383,7 @@ def expected_param_shapes(cfg):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# layers (section 3)
+# layers (docs/numerics.md §3)
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -430,7 +430,7 @@ def _headwise_gate(p, inputs, NH):
 
 
 def mlstm_layer(cfg, p, x, document_borders=None, cell_fn=parallel_stabilized_cell):
-    """The `mlstm` layer (section 3.2/3.3). x (B,S,D), already normed. Returns (B,S,D)."""
+    """The `mlstm` layer (docs/numerics.md §3.2). x (B,S,D), already normed. Returns (B,S,D)."""
     mc, lc, cc = _model_cfg(cfg), _layer_cfg(cfg), _cell_cfg(cfg)
     d = layer_dims(cfg)
     bias = mc["bias"]
@@ -489,7 +489,7 @@ def mlstm_layer(cfg, p, x, document_borders=None, cell_fn=parallel_stabilized_ce
 
 
 def mlstm_v1_layer(cfg, p, x, document_borders=None, cell_fn=parallel_stabilized_cell):
-    """The `mlstm_v1` layer (section 3.4). x (B,S,D), already normed. Returns (B,S,D)."""
+    """The `mlstm_v1` layer (docs/numerics.md §3.3). x (B,S,D), already normed. Returns (B,S,D)."""
     mc, cc = _model_cfg(cfg), _cell_cfg(cfg)
     d = layer_dims(cfg)
     bias = mc["bias"]
@@ -516,7 +516,7 @@ def mlstm_v1_layer(cfg, p, x, document_borders=None, cell_fn=parallel_stabilized
 
 
 def feedforward(ffn_cfg, p, x):
-    """Section 2.4."""
+    """The feed-forward (docs/numerics.md §2.4)."""
     act = ACTIVATIONS[ffn_cfg["act_fn"]]
     use_bias = ffn_cfg["bias"]
     if ffn_cfg["ff_type"] == "ffn_gated":
@@ -550,7 +550,7 @@ def block(cfg, p, x, document_borders=None, cell_fn=parallel_stabilized_cell):
 
 
 def lm_forward(cfg, params, tokens, document_borders=None, cell_fn=parallel_stabilized_cell):
-    """Full LM forward (section 7). tokens (B,S) int. Returns float64 logits (B,S,V)."""
+    """Full LM forward (docs/numerics.md §7.1). tokens (B,S) int. Returns float64 logits (B,S,V)."""
     mc = _model_cfg(cfg)
     emb = np.asarray(params["token_embedding"]["embedding"], F64)
     x = emb[np.asarray(tokens)]
@@ -566,7 +566,7 @@ def lm_forward(cfg, params, tokens, document_borders=None, cell_fn=parallel_stab
 
 
 # ---------------------------------------------------------------------------------------------------------
-# the doc's test inputs (section 4.6), float64
+# the test inputs of docs/numerics.md §4.5, float64
 # ---------------------------------------------------------------------------------------------------------
 
 

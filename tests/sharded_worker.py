@@ -80,7 +80,7 @@ def main(layer_type: str, out_dir: str, extras: bool) -> None:
     params = perturbed(zoo.init_params(single))
     reference = np.asarray(zoo.forward(single, params, tokens))
     optimizer = T.adamw(single, LR, eps=1e-3)
-    ref_state, ref_loss = T.train_step(single, optimizer, T.init_state(single, copy(params), optimizer), tokens)
+    ref_state, ref_loss = T.train_step(single, optimizer, T.init_train_state(single, copy(params), optimizer), tokens)
     results = {"update": max_diff(ref_state.params, params), "meshes": {}}
     for name, parallel in MESHES.items():
         config = zoo.load_config({**base, "parallel": parallel})
@@ -89,7 +89,7 @@ def main(layer_type: str, out_dir: str, extras: bool) -> None:
         sharded = jax.device_put(params, shardings)
         logits = zoo.forward(config, sharded, tokens)
         optimizer = T.adamw(config, LR, eps=1e-3)
-        state = T.init_state(config, copy(sharded), optimizer)
+        state = T.init_train_state(config, copy(sharded), optimizer)
         compiled = T.lower_step(config, optimizer, state, tokens).compile()
         state, loss = compiled(state, jax.device_put(tokens, jax.sharding.NamedSharding(mesh, sharding.batch_spec(config))))
         kept = all(a.sharding == b for a, b in zip(jax.tree_util.tree_leaves(state.params),

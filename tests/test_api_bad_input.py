@@ -37,7 +37,7 @@ def refused(call, kind: type[Exception], *phrases: str) -> str:
                                                       ("2", TypeError, "batch_size must be an integer"),
                                                       (True, TypeError, "batch_size must be an integer")])
 def test_init_state_batch_size(tiny, batch_size, kind, phrase):
-    refused(lambda: zoo.init_state(tiny[0], batch_size), kind, phrase)
+    refused(lambda: zoo.init_decode_state(tiny[0], batch_size), kind, phrase)
 
 
 @pytest.mark.parametrize("seed", [1.5, "0", None])
@@ -49,7 +49,7 @@ def test_init_params_seed_must_be_an_integer(tiny, seed):
     lambda params: zoo.forward("tiny", params, TOKENS), lambda params: zoo.prefill("tiny", params, TOKENS),
     lambda params: zoo.step({}, params, TOKENS[:, 0], {}), lambda params: zoo.param_count("tiny"),
     lambda params: zoo.param_shapes(None), lambda params: zoo.build("tiny"),
-    lambda params: zoo.init_params("tiny"), lambda params: zoo.init_state("tiny", 1)])
+    lambda params: zoo.init_params("tiny"), lambda params: zoo.init_decode_state("tiny", 1)])
 def test_a_config_that_is_not_a_model_config(tiny, call):
     refused(lambda: call(tiny[1]), TypeError, "config must be a zoo.ModelConfig", "zoo.load_config")
 
@@ -64,7 +64,7 @@ def test_params_of_another_config_are_refused_by_path(tiny, tiny_v1_params):
     # tiny (mlstm) has parameters, such as its causal conv, that tiny-v1 (mlstm_v1) lacks
     for call in (lambda: zoo.forward(config, tiny_v1_params, TOKENS),
                  lambda: zoo.prefill(config, tiny_v1_params, TOKENS),
-                 lambda: zoo.step(config, tiny_v1_params, TOKENS[:, 0], zoo.init_state(config, 1))):
+                 lambda: zoo.step(config, tiny_v1_params, TOKENS[:, 0], zoo.init_decode_state(config, 1))):
         refused(call, ValueError, "params['blocks_0']", "is missing")
 
 

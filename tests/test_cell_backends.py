@@ -1,7 +1,7 @@
 """Parity, state passing, golden values, precision, stability and memory scaling of the registered mLSTM cell
 backends (``parallel_stabilized``, ``chunkwise``, ``recurrent``).
 
-Tolerances (see shared/docs/mlstm-reference.md sections 4.6 and 11) -- all float32 unless stated:
+Tolerances (see docs/numerics.md §4.5 and §9) -- all float32 unless stated:
 
 * forward h:   max|a - b| <= 1e-4 * max|ref|                       (measured <= ~4e-6)
 * final states C, n: max|a - b| <= 1e-4 * max|ref|;  m: max|a - b| <= 1e-4 * max(1, max|m_ref|)
@@ -10,7 +10,7 @@ Tolerances (see shared/docs/mlstm-reference.md sections 4.6 and 11) -- all float
   where G is the largest |ref grad| over all five arguments.  The floor matters only for an argument whose
   gradient is mathematically zero or eps-sized: at S=1 h does not depend on f except through eps*exp(m)
   (parallel_stabilized returns exactly 0, the state-carrying backends ~eps-sized values).
-* golden values (4.6): printed precision, 1.5e-6 abs for h, C, n and 1e-5 for m.
+* golden values (docs/numerics.md §4.5): printed precision, 1.5e-6 abs for h, C, n and 1e-5 for m.
 * bf16 q, k, v (gates float32): vs the backend's own float32 result on the same (bf16-representable) inputs,
   allclose(atol=1e-2 * max|h32|, rtol=1e-2) -- the upstream 1e-2/1e-2 with atol scaled by the output magnitude,
   because the random cases have max|h| ~ 30-60 (small normalizers), not O(1).
@@ -232,16 +232,16 @@ def test_doc_random_case_vs_float64_reference(name):
     q, k, v, i, f = R.doc_random_case()
     h_ref = R.parallel_stabilized_cell(q, k, v, i, f)
     assert abs(np.abs(h_ref).mean() - 1.65) < 0.01  # "mean |h| = 1.65"
-    kwargs = {"chunk_size": 32} if name == "chunkwise" else {}  # L=32 as in the doc
+    kwargs = {"chunk_size": 32} if name == "chunkwise" else {}  # L=32 as in docs/numerics.md §4.5
     h = np.asarray(forward_fn(name, False, **kwargs)(*(jnp.asarray(x, jnp.float32) for x in (q, k, v, i, f))))
     print(f"[err] doc random case {name}: max abs {np.abs(h - h_ref).max():.2e} (doc: upstream float32 "
           f"parallel-recurrent 3.1e-5, parallel-chunkwise 6.3e-5)")
     check_rel(f"doc random case {name} vs f64", h, h_ref, FWD_RTOL)
-    np.testing.assert_allclose(h, h_ref, atol=1e-5, rtol=1e-2)  # the upstream allclose of section 11
+    np.testing.assert_allclose(h, h_ref, atol=1e-5, rtol=1e-2)  # xlstm-jax's allclose (docs/numerics.md §9)
 
 
 # ---------------------------------------------------------------------------------------------------------
-# golden values (section 4.6)
+# golden values (docs/numerics.md §4.5)
 # ---------------------------------------------------------------------------------------------------------
 
 GOLDEN_H = np.array([[-0.060398, 0.030199, 0.120795],
@@ -260,7 +260,7 @@ def golden_inputs():
 
 
 GOLDEN_CASES = [("parallel_stabilized", {}), ("recurrent", {})] + [
-    ("chunkwise", {"chunk_size": L}) for L in (1, 2, 3, 64)]  # L=2 is the doc's; 3 leaves a ragged tail
+    ("chunkwise", {"chunk_size": L}) for L in (1, 2, 3, 64)]  # L=2 as in docs/numerics.md §4.5; 3 leaves a ragged tail
 
 
 @pytest.mark.parametrize("name,kwargs", GOLDEN_CASES, ids=lambda x: str(x) if isinstance(x, str) else
@@ -408,7 +408,8 @@ def test_bfloat16_qkv_matches_float32(name):
 
 @pytest.mark.parametrize("name", BACKENDS)
 def test_bfloat16_doc_case_matches_float32(name):
-    """Upstream-style: fp32 inputs vs the same inputs cast to bf16 (includes input rounding), section 4.6 case."""
+    """Upstream-style: fp32 inputs vs the same inputs cast to bf16 (includes input rounding), random case of
+    docs/numerics.md §4.5."""
     q, k, v, i, f = (np.asarray(x, np.float32) for x in R.doc_random_case())
     kwargs = {"chunk_size": 32} if name == "chunkwise" else {}
     fn = forward_fn(name, False, **kwargs)

@@ -17,7 +17,7 @@ import pytest
 import zoo
 from helpers import UnitNormPlugin as NormPlugin
 from bitwise import assert_bitwise_equal
-from zoo.export.checkpoint import CheckpointError, read_metadata
+from zoo.checkpoint import CheckpointError, read_metadata
 from zoo.registry import PluginRegistry, use_registry
 
 TINY = {"vocab_size": 40, "embedding_dim": 32, "num_blocks": 2, "dtype": "float32",

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import zoo
-from zoo.export.checkpoint import CheckpointError
+from zoo.checkpoint import CheckpointError
 
 TINY = {"vocab_size": 40, "embedding_dim": 32, "num_blocks": 2, "dtype": "float32",
         "mlstm_block": {"mlstm": {"num_heads": 2}}}
@@ -165,7 +165,7 @@ def test_a_folder_of_the_wrong_kind_is_named(two_steps, tmp_path, command, kind)
 
 
 def test_the_library_names_the_kind_too(two_steps, tmp_path):
-    from zoo.export.checkpoint import CheckpointRefused, classify_path
+    from zoo.checkpoint import CheckpointRefused, classify_path
 
     root = two_steps[0]
     with pytest.raises(CheckpointRefused, match=rf"pass {root} with --step 1 \(step=1 in Python\)"):

@@ -18,7 +18,7 @@ import pytest
 
 import zoo
 from zoo import presets
-from zoo.export.checkpoint import read_metadata
+from zoo.checkpoint import read_metadata
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo.json"

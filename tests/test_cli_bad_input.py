@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 import zoo
-import zoo.generate
+import zoo.inference
 from test_prompt_rules import CONTEXT, SPEC, V
 from zoo import cli
 
@@ -121,7 +121,7 @@ def test_seeds_that_would_alias_or_overflow_are_refused(seed):
     with pytest.raises(ValueError, match=rf"seed must be in \[0, 2\*\*32\), got {seed}"):
         zoo.init_params(config, seed=seed)
     with pytest.raises(ValueError, match=rf"seed must be in \[0, 2\*\*32\), got {seed}"):
-        zoo.generate.generate(config, {}, [[1]], 1, seed=seed)
+        zoo.inference.generate(config, {}, [[1]], 1, seed=seed)
 
 
 @pytest.mark.parametrize("manifest, text", [
@@ -171,10 +171,10 @@ def test_build_plans_for_a_device_count_that_does_not_fit_and_says_how_to_fit(tm
 def test_generate_prints_only_the_timings_it_measured(checkpoint, monkeypatch, new_tokens, timings):
     def timed(config, params, prompt, max_new_tokens, **_):
         # 2 steady-state steps (the first token comes from the prefill, the second from the first step) in 5 ms
-        return zoo.generate.Generation(np.zeros((1, max_new_tokens), np.int32), 0.1, 0.02, 0.005,
-                                       np.zeros((1, V), np.float32))
+        return zoo.inference.Generation(np.zeros((1, max_new_tokens), np.int32), 0.1, 0.02, 0.005,
+                                        np.zeros((1, V), np.float32))
 
-    monkeypatch.setattr(zoo.generate, "generate", timed)
+    monkeypatch.setattr(zoo.inference, "generate", timed)
     result = invoke("generate", checkpoint[0], "--prompt-ids", "1", "--max-new-tokens", new_tokens)
     assert result.exit_code == 0, result.stderr
     assert result.stdout.splitlines()[-1] == timings

@@ -44,7 +44,7 @@ def locs(data: dict) -> list[tuple]:
     return [e["loc"] for e in errors_of(data)]
 
 
-# --- reference defaults (mlstm-reference.md §2.2 - §2.7) --------------------------------------
+# --- xlstm-jax's defaults (docs/numerics.md §2.2) ----------------------------------------------
 
 def test_layer_defaults_match_reference():
     layer = LayerConfig()
@@ -89,12 +89,12 @@ def test_proj_up_dim_rounding_table(dim, factor, round_up, expected):
     assert proj_up_dim(factor, dim, 64, round_up) == expected
 
 
-# Expected sizes worked out by hand from mlstm-reference.md §2.1 and §3.1:
+# Expected sizes worked out by hand from docs/numerics.md §2.1 and §3.1:
 #   mlstm:    Di = 64·ceil(pf·D/64), NPH = Di // b, Dqk_tot = NPH·(round(qk·Di) // NPH), Dv_tot = int(Di·v),
 #             F = 2·Dqk_tot + Dv_tot for gate_input qkv, else Di
 #   mlstm_v1: Dqk_tot = int(D·qk), Dv_tot = int(D·v);  both: per-head = total / NH;  FFN P = 64·ceil(pf·D/64)
 @pytest.mark.parametrize("data, expected", [
-    # D=768, pf 2: Di=1536, NPH=384, Dqk=Dv=1536, per head 384 (the reference's example), F = 3·1536
+    # D=768, pf 2: Di=1536, NPH=384, Dqk=Dv=1536, per head 384 (the example of docs/numerics.md §3.1), F = 3·1536
     (make(embedding_dim=768, layer={"num_heads": 4}),
      {"inner_dim": 1536, "num_proj_blocks": 384, "qk_dim": 1536, "v_dim": 1536, "qk_head_dim": 384,
       "v_head_dim": 384, "gate_input_dim": 4608}),
@@ -123,7 +123,7 @@ def test_derived_sizes_are_not_inputs():
     assert "derived" in errs[0]["msg"]
 
 
-# --- explicit inheritance instead of silent overrides (reference §2.8) ------------------------
+# --- explicit inheritance instead of silent overrides (docs/numerics.md §2.3) -----------------
 
 def test_model_values_flow_into_layer_cell_and_ffn():
     cfg = zoo.load_config(make(norm_type="rmsnorm", bias=True, dtype="bfloat16", ffn={}))

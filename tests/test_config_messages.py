@@ -53,10 +53,10 @@ def test_missing_vocab_size_says_it_is_required():
 
 def test_top_level_null_and_duplicate_keys_are_refused_in_one_line(tmp_path):
     (tmp_path / "null.json").write_text("null")
-    with pytest.raises(zoo.api.ConfigSourceError, match="the top level must be a JSON object, got null$"):
+    with pytest.raises(zoo.config_source.ConfigSourceError, match="the top level must be a JSON object, got null$"):
         zoo.load_config(tmp_path / "null.json")
     (tmp_path / "dup.json").write_text('{"vocab_size": 256, "num_blocks": 2, "vocab_size": 512}')
-    with pytest.raises(zoo.api.ConfigSourceError, match="key 'vocab_size' appears twice") as info:
+    with pytest.raises(zoo.config_source.ConfigSourceError, match="key 'vocab_size' appears twice") as info:
         zoo.load_config(tmp_path / "dup.json")
     assert "\n" not in str(info.value) and "dup.json" in str(info.value)
 

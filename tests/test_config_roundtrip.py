@@ -28,7 +28,7 @@ OLD_DUMP = json.loads((Path(__file__).parent / "data" / "config_dump_1c1d397.jso
 BLOCK, LAYER = ("mlstm_block",), ("mlstm_block", "mlstm")
 CELL, FFN = ("mlstm_block", "mlstm", "mlstm_cell"), ("mlstm_block", "feedforward")
 # Each inheritable model field, a new value, and every section it must reach (the reference's propagation
-# rules, mlstm-reference.md §2.5-2.8, written out here rather than read from zoo.config.INHERITED).
+# rules, docs/numerics.md §2.3, written out here rather than read from zoo.config.INHERITED).
 EDITS = [
     ("dtype", "bfloat16", [LAYER, CELL, FFN]),
     ("norm_type", "layernorm", [LAYER, CELL]),

@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 import zoo
 from zoo import presets
-from zoo.api import ConfigSourceError
+from zoo.config_source import ConfigSourceError
 from zoo.config import ModelConfig
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,7 +9,7 @@ import pytest
 
 import zoo
 from zoo.convert.torch import ConvertError, from_torch
-from zoo.export.checkpoint import read_metadata
+from zoo.checkpoint import read_metadata
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("xlstm")

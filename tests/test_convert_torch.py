@@ -16,7 +16,7 @@ import yaml
 import zoo
 from helpers import by_path, nested
 from zoo.convert.torch import ConvertError, from_torch, to_torch
-from zoo.export.checkpoint import read_metadata
+from zoo.checkpoint import read_metadata
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("xlstm")
@@ -164,7 +164,7 @@ def v1_config(scan_blocks=False, tie_weights=False, dtype="float32"):
 @pytest.fixture(scope="module")
 def v1_reference():
     """Per-block float32 params whose values bfloat16 holds exactly, and the zoo's logits untied and tied."""
-    from zoo.api import param_shapes
+    from zoo.model import param_shapes
 
     rng = np.random.default_rng(7)
     config = v1_config()
@@ -248,7 +248,7 @@ def jax_tree_map(fn, tree):
 
 
 def zeros(config):
-    from zoo.api import param_shapes
+    from zoo.model import param_shapes
 
     return jax_tree_map(lambda leaf: np.zeros(leaf.shape, np.float32), param_shapes(config))
 

@@ -61,7 +61,7 @@ def test_prefill_then_steps_equals_full_forward_for_each_conv_kernel_size(kernel
     full = zoo.forward(cfg, params, tokens)
     logits, state = zoo.prefill(cfg, params, tokens[:, :3])
     assert state["conv"].shape == (1, 2, max(kernel_size - 1, 0), 64)  # Di = round64(2·16)
-    zero = zoo.init_state(cfg, 2)
+    zero = zoo.init_decode_state(cfg, 2)
     decoded, from_zero = [logits], []
     for t in range(tokens.shape[1]):
         if t >= 3:
@@ -75,7 +75,7 @@ def test_prefill_then_steps_equals_full_forward_for_each_conv_kernel_size(kernel
 
 def test_decoding_from_the_zero_state_with_steps_only(model):
     cfg, params, full = model
-    state = zoo.init_state(cfg, TOKENS.shape[0])
+    state = zoo.init_decode_state(cfg, TOKENS.shape[0])
     for t in range(S):
         logits, state = zoo.step(cfg, params, TOKENS[:, t], state)
         assert float(jnp.abs(logits - full[:, t]).max()) <= 1e-4, t
@@ -91,7 +91,7 @@ def test_prefill_continues_from_a_state(model):
 def test_state_layout(model):
     cfg, params, _ = model
     _, state = zoo.prefill(cfg, params, TOKENS[:, :3])
-    # by hand (mlstm-reference.md §3.1), NB=2, B=3, NH=2, D=32: mlstm Di=round64(2D)=64, DQK=DV=Di/NH=32,
+    # by hand (docs/numerics.md §3.1, §8), NB=2, B=3, NH=2, D=32: mlstm Di=round64(2D)=64, DQK=DV=Di/NH=32,
     # conv K-1=3 inputs of width Di; mlstm_v1 DQK=0.5·D/NH=8, DV=D/NH=16
     expected = {"mlstm": {"c": (2, 3, 2, 32, 32), "n": (2, 3, 2, 32), "m": (2, 3, 2), "conv": (2, 3, 3, 64)},
                 "mlstm_v1": {"c": (2, 3, 2, 8, 16), "n": (2, 3, 2, 8), "m": (2, 3, 2)}}[cfg.layer.layer_type]
@@ -143,7 +143,7 @@ def greedy_by_full_forward(cfg, params, prompt, n):
 
 
 def test_greedy_generation_matches_rerunning_the_full_forward(model):
-    from zoo.generate import generate
+    from zoo.inference import generate
 
     cfg, params, _ = model
     prompt = [[1, 2, 3, 4], [5, 6, 7, 8]]
@@ -152,7 +152,7 @@ def test_greedy_generation_matches_rerunning_the_full_forward(model):
 
 
 def test_sampling_is_seeded_and_respects_top_k(model):
-    from zoo.generate import generate, sample
+    from zoo.inference import generate, sample
 
     cfg, params, _ = model
     a = generate(cfg, params, [[1, 2]], 8, temperature=1.0, top_k=3, seed=5).tokens
@@ -168,7 +168,7 @@ def test_generate_cli(tmp_path):
     import subprocess
     import sys
 
-    from zoo.generate import generate
+    from zoo.inference import generate
 
     env = {"COLUMNS": "120", "PATH": "/usr/bin:/bin"}
     build = subprocess.run([sys.executable, "-m", "zoo.cli", "build", "tiny-v1", "--out", str(tmp_path / "ck")],

@@ -62,7 +62,7 @@ def test_the_cli_maps_any_zoo_error_to_exit_2_in_one_line(monkeypatch):
     def refuse(source):
         raise PluginOwnError("a plugin refused this config")
 
-    monkeypatch.setattr("zoo.api.load_config", refuse)
+    monkeypatch.setattr("zoo.config_source.load_config", refuse)
     result = CliRunner().invoke(cli.app, ["validate", "tiny"])
     assert result.exit_code == 2, result.output
     assert result.stderr.strip().splitlines() == ["error: a plugin refused this config"]

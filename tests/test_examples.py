@@ -14,7 +14,7 @@ import pytest
 
 import zoo
 from helpers import assert_rel_close
-from zoo.export.checkpoint import read_metadata
+from zoo.checkpoint import read_metadata
 from zoo.testing import isolated_registry
 
 DISTS = {"zoo-pallas-mlstm": "pallas-mlstm", "zoo-mlstm-sig": "mlstm-sig"}

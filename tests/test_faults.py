@@ -23,7 +23,7 @@ import pytest
 
 import zoo
 from bitwise import assert_bitwise_equal
-from zoo.export.checkpoint import CheckpointError
+from zoo.checkpoint import CheckpointError
 
 # ~0.4M params (1.6 MB): a save takes a few hundred ms, long enough to be cut at random points
 KILL_CONFIG = {"vocab_size": 6000, "embedding_dim": 64, "num_blocks": 1, "dtype": "float32",
@@ -249,7 +249,7 @@ from pathlib import Path
 
 import jax, jax.numpy as jnp, numpy as np
 import zoo
-from zoo.export.checkpoint import CheckpointError
+from zoo.checkpoint import CheckpointError
 
 disk, config_json = Path(sys.argv[1]), json.loads(sys.argv[2])
 root = disk / "ck"

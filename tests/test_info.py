@@ -24,7 +24,7 @@ import pytest
 
 import zoo
 from helpers import UnitNormPlugin as NormPlugin
-from zoo.export.checkpoint import CheckpointError
+from zoo.checkpoint import CheckpointError
 from zoo.registry import PluginRegistry, hookimpl, resolve, use_registry
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,9 +59,9 @@ def checkpoint(tmp_path_factory):
 
 
 def describe(*args, **kwargs):
-    from zoo.info import describe
+    from zoo.info import describe_path
 
-    return describe(*args, **kwargs)
+    return describe_path(*args, **kwargs)
 
 
 def invoke(*args):
@@ -197,7 +197,7 @@ def damaged_artifacts_are_reported(artifact: Path, tmp_path: Path) -> None:
 def test_info_on_a_preset_and_a_config_file(tmp_path, checkpoint):
     preset = describe("mlstm-1.3b")
     assert preset["kind"] == "config" and preset["preset"] == "mlstm-1.3b" and preset["path"] is None
-    assert preset["parameters"]["count"] == 1_422_559_616  # the published size (mlstm-reference.md §7)
+    assert preset["parameters"]["count"] == 1_422_559_616  # the published size (docs/numerics.md §7.3)
     assert preset["parameters"]["by_dtype"] == {"float32": {"count": 1_422_559_616, "bytes": 4 * 1_422_559_616}}
     path = tmp_path / "tiny.json"
     path.write_text(json.dumps(TINY))

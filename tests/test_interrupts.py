@@ -18,7 +18,7 @@ import zoo
 import zoo.export.stablehlo
 from test_cli_bad_input import invoke, refused
 from zoo import cli
-from zoo.export.checkpoint import load, save
+from zoo.checkpoint import load, save
 from zoo.export.entries import ExportError, check_request
 
 
@@ -75,7 +75,7 @@ def test_an_interrupted_build_says_whether_its_step_was_saved(tmp_path, tiny, mo
     stderr = sys.stderr
     expected = f"step 0 was saved to {target}" if saved else f"nothing was saved; earlier steps in {target}"
     with pytest.raises(cli.Interrupted, match=expected):
-        cli.build("tiny", out_dir=target)
+        cli.build_command("tiny", out_dir=target)
     assert sys.stderr is stderr  # the message about it must not go into a silenced buffer
     assert sorted(p.name for p in target.glob("*")) == (["0"] if saved else [])
 

@@ -24,8 +24,8 @@ import zoo
 from helpers import by_path, nested
 from zoo.export.runners import greedy, open_artifact
 from zoo.export.stablehlo import export_stablehlo
-from zoo.generate import generate
-from zoo.info import describe
+from zoo.inference import generate
+from zoo.info import describe_path
 
 LAYERS = {
     "mlstm": {"mlstm": {"layer_type": "mlstm", "num_heads": 2, "mlstm_cell": {"gate_soft_cap": 15.0}}},
@@ -225,7 +225,7 @@ def test_savedmodel_artifact_matches_the_twin(made, tmp_path):
 
 
 def test_info_describes_the_layout_as_stored(layout):
-    info = describe(layout.checkpoint)
+    info = describe_path(layout.checkpoint)
     saved = by_path(layout.params)
     count = sum(x.size for x in saved.values())
     nbytes = count * {"float32": 4, "bfloat16": 2}[layout.param_dtype]

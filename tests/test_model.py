@@ -130,7 +130,7 @@ def test_parallel_configs_that_need_more_devices_are_refused_not_ignored():
         zoo.init_params(config(parallel={"fsdp_axis_size": 8}))
 
 
-# --- initialisers follow the reference's init table (§3.5, §6) ---------------------------------
+# --- initialisers follow the init table (docs/numerics.md §6) ---------------------------------
 
 def std_of(x):
     return float(np.asarray(x).std())

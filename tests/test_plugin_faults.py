@@ -6,8 +6,8 @@ import pytest
 from pydantic import ValidationError
 
 import zoo
-from zoo.plugins.layers import components
-from zoo.plugins.layers.components import CellError
+from zoo.nn import cell as nn_cell
+from zoo.nn.cell import CellError
 from zoo.registry import PluginRegistry, hookimpl, resolve, use_registry
 
 TINY = {"vocab_size": 11, "embedding_dim": 8, "num_blocks": 1, "dtype": "float32",
@@ -89,7 +89,7 @@ def test_wrong_output_shapes_are_caught_at_the_cell_boundary(registry, monkeypat
     with pytest.raises(CellError, match=r"'truncating' from zoo-faulty-cells .* returned wrong shapes in forward: "
                                         r"h \(1, 2, 1, 1\), expected \(1, 2, 1, 8\)"):
         zoo.param_shapes(config)
-    monkeypatch.setattr(components, "CHECK_CELL_SHAPES", False)  # what ZOO_CHECK_CELL_SHAPES=0 sets at import
+    monkeypatch.setattr(nn_cell, "CHECK_CELL_SHAPES", False)  # what ZOO_CHECK_CELL_SHAPES=0 sets at import
     # unchecked, the bad shape travels on: h (1, 1, 2 heads x 1) meets the skip path's x_a (1, 1, 16), 16 = 2 x 8
     with pytest.raises(TypeError, match=r"incompatible shapes for broadcasting: \(1, 1, 2\), \(1, 1, 16\)") as caught:
         zoo.param_shapes(config)
@@ -102,9 +102,9 @@ def test_the_switch_is_read_from_the_environment(tmp_path):
     import sys
 
     assert "ZOO_CHECK_CELL_SHAPES" not in os.environ
-    code = "from zoo.plugins.layers import components as c; print(c.CHECK_CELL_SHAPES)"
+    code = "from zoo.nn import cell as c; print(c.CHECK_CELL_SHAPES)"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    assert components.CHECK_CELL_SHAPES  # on by default (this process does not set the variable)
+    assert nn_cell.CHECK_CELL_SHAPES  # on by default (this process does not set the variable)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           env={**env, "ZOO_CHECK_CELL_SHAPES": "0"})
     assert proc.stdout.strip() == "False", proc.stderr

@@ -1,5 +1,5 @@
-"""Every preset's parameter count, in all and per block, equals the reference's published table or a count
-worked out by hand from the reference's formulas (computed without allocating)."""
+"""Every preset's parameter count, in all and per block, equals the published table or a count worked out by
+hand from the formulas (docs/numerics.md §7.2-7.3; computed without allocating)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import zoo
 from zoo import presets
 
-# mlstm-reference.md §7, "Published sizes": (total params, params per block)
+# docs/numerics.md §7.3, the presets' sizes: (total params, params per block)
 PUBLISHED = {
     "mlstm-120m": (120_536_928, 3_605_768),
     "mlstm-165m": (163_806_144, 3_605_768),
@@ -24,7 +24,7 @@ PUBLISHED = {
 }
 
 
-# The tiny presets, worked out by hand with the formulas of mlstm-reference.md §7 (per block, bias=False):
+# The tiny presets, worked out by hand with the formulas of docs/numerics.md §7.2 (per block, bias=False):
 # tiny (mlstm, D=64, Di=round64(2D)=128, K=4, b=4, NH=4):
 #   D + 3·D·Di + (K+1)·Di + 3·b·Di + 2·NH·(3·Di+1) + 2·Di = 64 + 24576 + 640 + 1536 + 3080 + 256 = 30152
 # tiny-v1 (mlstm_v1, D=64, Dqk_tot=32, Dv_tot=64, NH=4, P=round64(2.667·D)=192):

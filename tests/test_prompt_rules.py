@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 import zoo
-import zoo.generate
-from zoo.api import TokenError
+import zoo.inference.decode
+from zoo.checks import TokenError
 
 V, CONTEXT = 13, 6
 SPEC = {"vocab_size": V, "embedding_dim": 8, "num_blocks": 1, "context_length": CONTEXT, "dtype": "float32",
@@ -39,7 +39,7 @@ def test_a_prompt_of_context_length_runs_and_one_more_is_refused_before_dispatch
         assert "\n" not in message
         assert f"sequence length {CONTEXT + 1} exceeds context_length={CONTEXT}" in message
     with pytest.raises(TokenError, match=r"sequence length 7 exceeds context_length=6"):
-        zoo.generate.generate(config, params, TOKENS[:, :CONTEXT + 1], 2)
+        zoo.generate(config, params, TOKENS[:, :CONTEXT + 1], 2)
 
 
 @pytest.mark.slow
@@ -53,7 +53,7 @@ def test_decoding_continues_past_context_length(model):
         logits, state = zoo.step(config, params, TOKENS[:, t], state)
         got.append(np.asarray(logits[0]))
     np.testing.assert_allclose(np.stack(got), expected[0, CONTEXT - 1:], rtol=1e-4, atol=1e-4)
-    greedy = zoo.generate.generate(config, params, TOKENS[:, :CONTEXT], 2 * CONTEXT).tokens
+    greedy = zoo.generate(config, params, TOKENS[:, :CONTEXT], 2 * CONTEXT).tokens
     assert greedy.shape == (1, 2 * CONTEXT)
 
 
@@ -63,19 +63,19 @@ def test_ids_outside_the_vocabulary_are_refused_with_the_argument_id_and_range(m
     ids = [[1, 2, bad_id, 4]]
     for call, tokens, what in ((zoo.forward, ids, "tokens"), (zoo.prefill, np.array(ids), "tokens"),
                                (zoo.step, [1, bad_id], "token"), (zoo.step, np.array([1, bad_id]), "token")):
-        state = (zoo.init_state(config, len(tokens)),) if call is zoo.step else ()
+        state = (zoo.init_decode_state(config, len(tokens)),) if call is zoo.step else ()
         with jax.transfer_guard("disallow"), pytest.raises(TokenError) as caught:
             call(config, params, tokens, *state)
         assert str(caught.value).startswith(f"{what}: id {bad_id} at index ")
         assert str(caught.value).endswith(f"outside the vocabulary, valid ids are 0 to {V - 1}")
     at = f"tokens: id {bad_id} at index \\(0, 2\\) is outside"
     with pytest.raises(TokenError, match=at):
-        zoo.generate.generate(config, params, ids, 3)
-    from zoo.training import adamw, init_state, train_step  # the training step checks host data the same way
+        zoo.generate(config, params, ids, 3)
+    from zoo.training import adamw, init_train_state, train_step  # the training step checks host data the same way
 
     optimizer = adamw(config)
     with pytest.raises(TokenError, match=at):
-        train_step(config, optimizer, init_state(config, params, optimizer), ids)
+        train_step(config, optimizer, init_train_state(config, params, optimizer), ids)
     if abs(bad_id) < 2**31:  # a concrete jax.Array prompt is checked too
         with pytest.raises(TokenError, match=at):
             zoo.forward(config, params, jnp.asarray(ids, jnp.int32))
@@ -98,7 +98,7 @@ def test_bad_shapes_and_dtypes_are_refused(model, tokens, message):
 
 def test_a_state_that_does_not_fit_is_refused_by_key_and_shape(model):
     config, params = model
-    two = zoo.init_state(config, 2)  # c is (blocks 1, batch, heads 2, qk head dim 8, v head dim 8)
+    two = zoo.init_decode_state(config, 2)  # c is (blocks 1, batch, heads 2, qk head dim 8, v head dim 8)
     wrong_batch = r"state\['c'\] has shape \(1, 2, 2, 8, 8\); this config with batch size 1 needs \(1, 1, 2, 8, 8\)"
     with pytest.raises(ValueError, match=wrong_batch):
         zoo.step(config, params, [1], two)
@@ -129,7 +129,7 @@ def _slow_device_tokens(n: int) -> jax.Array:
 
 def test_step_with_a_device_token_adds_no_host_sync(model):
     config, params = model
-    state = zoo.init_state(config, 1)
+    state = zoo.init_decode_state(config, 1)
     token = jnp.asarray([2], jnp.int32)
     logits, _ = zoo.step(config, params, token, state)  # compile
     with jax.transfer_guard("disallow"):
@@ -150,7 +150,7 @@ def test_the_decode_loop_of_generate_reads_nothing_back(model, monkeypatch):
     value = ArrayImpl._value
     monkeypatch.setattr(ArrayImpl, "_value", property(lambda a: reads.append(a.shape) or value.fget(a)))
     guards: list[contextlib.ExitStack] = []
-    real_step_fn = zoo.generate.step_fn
+    real_step_fn = zoo.inference.decode.step_fn
 
     def guarded_step_fn(*args):
         step = real_step_fn(*args)
@@ -163,12 +163,12 @@ def test_the_decode_loop_of_generate_reads_nothing_back(model, monkeypatch):
 
         return guarded
 
-    monkeypatch.setattr(zoo.generate, "step_fn", guarded_step_fn)
+    monkeypatch.setattr(zoo.inference.decode, "step_fn", guarded_step_fn)
     counts = []
     for new_tokens in (2, 7):
         reads.clear()
         try:
-            result = zoo.generate.generate(config, params, prompt, new_tokens)
+            result = zoo.generate(config, params, prompt, new_tokens)
         finally:
             guards.pop().close()
         assert result.tokens.shape == (1, new_tokens)

@@ -1,5 +1,5 @@
 """The JAX mLSTM cell against the independent float64 reference (tests/reference.py) and the golden values of
-shared/docs/mlstm-reference.md section 4.6."""
+docs/numerics.md §4.5."""
 
 
 import jax.numpy as jnp
@@ -10,7 +10,7 @@ from zoo.registry import resolve
 import reference as R
 
 # ---------------------------------------------------------------------------------------------------------
-# golden case (section 4.6)
+# golden case (docs/numerics.md §4.5)
 # ---------------------------------------------------------------------------------------------------------
 
 GOLDEN_H = np.array(
@@ -70,7 +70,7 @@ def test_golden_jax_cell():
 
 
 # ---------------------------------------------------------------------------------------------------------
-# random case (section 4.6): numpy default_rng(2), B=1, S=128, DH=64
+# random case (docs/numerics.md §4.5): numpy default_rng(2), B=1, S=128, DH=64
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -78,7 +78,7 @@ def test_random_case_reference_self_consistency():
     q, k, v, i, f = R.doc_random_case()
     hp = R.parallel_stabilized_cell(q, k, v, i, f)
     hr = R.recurrent_stabilized_cell(q, k, v, i, f)
-    # float64: the two formulations agree far below the float32 figures of the doc
+    # float64: the two formulations agree far below the float32 figures of docs/numerics.md §4.5
     np.testing.assert_allclose(hp, hr, rtol=1e-9, atol=1e-9)
     assert abs(np.abs(hp).mean() - 1.65) < 0.01  # "mean |h| = 1.65"
 

@@ -87,7 +87,7 @@ CASES["mlstm-layernorm-qkv-qk1.0-v1.0"] = model(mlstm_layer())
 
 CASES.update(
     {
-        # v1 out-norm type is norm_type_v1, independent of the model norm_type (section 2.8 rule 2)
+        # v1 out-norm type is norm_type_v1, independent of the model norm_type (docs/numerics.md §2.3)
         "v1-outnorm-rms-model-ln": model(v1_layer(norm_type_v1="rmsnorm"), norm_type="layernorm"),
         # headwise gates (qkv regrouped per head with unequal q/k/v widths; single-tensor input with 4 heads)
         "mlstm-headwise-qkv-qk0.5-v1.5": model(
@@ -207,7 +207,7 @@ def perturbed_init_params(cfg, seed=0):
 
 
 def synthetic_params(cfg, seed=0):
-    """An init-like tree built from the contract (section 6 init table) on the REFERENCE's expected shapes,
+    """An init-like tree built from the init table (docs/numerics.md §6) on the REFERENCE's expected shapes,
     then perturbed: ones for norm scales and learnable_skip, linspace(3, 6) for forget-gate biases, zeros for
     the other biases and the gate kernels, U(+-1/sqrt(K)) for the conv, N(0, 2/(5D)) for other kernels."""
     D = cfg["embedding_dim"]

@@ -88,7 +88,7 @@ def check_manifest_against_signatures(cfg, params, artifact, signatures):
     manifest = json.loads((artifact / "manifest.json").read_text())
     vocab = cfg.vocab_size
     state = {f"state_{k}": ["?" if i == 1 else d for i, d in enumerate(v.shape)]
-             for k, v in zoo.init_state(cfg, 1).items()}
+             for k, v in zoo.init_decode_state(cfg, 1).items()}
     logits = {"forward": ["?", "?", vocab], "prefill": ["?", "?", vocab], "step": ["?", vocab]}
     for name, entry in manifest["entries"].items():
         signature = signatures[entry["signature"]]

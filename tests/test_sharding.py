@@ -245,7 +245,7 @@ def test_two_processes_equal_one(tmp_path):
     params = zoo.init_params(single)
     np.testing.assert_allclose(got["['logits']"], np.asarray(zoo.forward(single, params, tokens)), rtol=TOL, atol=TOL)
     optimizer = T.adamw(single, 1e-3, eps=1e-3)
-    state, loss = T.train_step(single, optimizer, T.init_state(single, jax.tree_util.tree_map(jnp.copy, params),
+    state, loss = T.train_step(single, optimizer, T.init_train_state(single, jax.tree_util.tree_map(jnp.copy, params),
                                                                  optimizer), tokens)
     assert abs(float(got["loss"]) - float(loss)) <= TOL
     for path, leaf in jax.tree_util.tree_flatten_with_path(state.params)[0]:

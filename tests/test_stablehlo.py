@@ -147,7 +147,7 @@ def test_manifest_lists_inputs_and_outputs_in_the_exported_order(default_export)
     manifest = json.loads((artifact / "manifest.json").read_text())
     vocab = str(cfg.vocab_size)
     state = {f"state['{k}']": ["b" if i == 1 else str(d) for i, d in enumerate(v.shape)]
-             for k, v in zoo.init_state(cfg, 1).items()}  # batch is the second axis, after the blocks
+             for k, v in zoo.init_decode_state(cfg, 1).items()}  # batch is the second axis, after the blocks
     expected = {"forward": {"logits": ["b", "s", vocab]}, "prefill": {"logits": ["b", "s", vocab], **state},
                 "step": {"logits": ["b", vocab], **state}}
     weight_shapes = {f"weights['{k}']": [str(d) for d in v.shape] for k, v in path_keys(params).items()}

@@ -8,17 +8,26 @@ Public API::
     zoo.param_count(cfg)                      # computed abstractly, nothing allocated
     logits, state = zoo.prefill(cfg, params, prompt)      # chunkwise, returns the decoding state
     logits, state = zoo.step(cfg, params, token, state)   # one token (B,) per call, recurrent
+    out = zoo.generate(cfg, params, prompt, 16)           # prefill, then one compiled step per token
+
+This module is the package's face: it only gathers names from the layers below (the README's Layout
+section lists them); ``zoo.init_state`` is the former name of ``zoo.init_decode_state``.
 """
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from zoo.checkpoint import load, save
+from zoo.checks import TokenError
+from zoo.config import ModelConfig
+from zoo.config_source import load_config
+from zoo.errors import ZooError
+from zoo.inference import Generation, generate
+from zoo.model import build, param_count, param_shapes
+from zoo.runtime import forward, init_decode_state, init_params, prefill, step
+from zoo.version import __version__
 
-from zoo.api import (  # noqa: E402
-    TokenError, build, forward, init_params, init_state, load_config, param_count, param_shapes, prefill, step)
-from zoo.config import ModelConfig  # noqa: E402
-from zoo.errors import ZooError  # noqa: E402
-from zoo.export.checkpoint import load, save  # noqa: E402
+init_state = init_decode_state
 
-__all__ = ["ModelConfig", "TokenError", "ZooError", "__version__", "build", "forward", "init_params", "init_state",
-           "load", "load_config", "param_count", "param_shapes", "prefill", "save", "step"]
+__all__ = ["Generation", "ModelConfig", "TokenError", "ZooError", "__version__", "build", "forward", "generate",
+           "init_decode_state", "init_params", "init_state", "load", "load_config", "param_count", "param_shapes",
+           "prefill", "save", "step"]

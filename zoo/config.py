@@ -173,7 +173,7 @@ AxisSize = Annotated[int, Field(ge=1, le=MAX_SIZE)]
 
 
 class ParallelConfig(ZooModel):
-    """Device mesh and memory settings (the reference's §2.7); ``zoo.sharding`` maps them onto devices."""
+    """Device mesh and memory settings (xlstm-jax's ``ParallelConfig``); ``zoo.sharding`` maps them onto devices."""
 
     data_axis_size: Annotated[int, Field(ge=-1, le=MAX_SIZE)] = -1
     """Data-parallel size; -1 infers it from the device count."""
@@ -579,12 +579,12 @@ INHERITED: dict[tuple[str, ...], tuple[str, ...]] = {
 
 MAX_BLOCKS = 4096
 """Most blocks accepted: unscanned blocks are traced one by one, so building, ``zoo info`` and abstract shapes
-take time and memory in proportion; the largest published xLSTM (7B) has 48 blocks."""
+take time and memory in proportion; the deepest preset (``mlstm-7b``) has 64 blocks."""
 
 
 def _num_blocks(value: int) -> int:
     if value > MAX_BLOCKS:
-        raise _refuse(f"must be at most {MAX_BLOCKS} (the largest published xLSTM has 48 blocks; unscanned blocks "
+        raise _refuse(f"must be at most {MAX_BLOCKS} (the deepest preset, mlstm-7b, has 64; unscanned blocks "
                       f"are traced one by one, so a larger count only exhausts time and memory)")
     return value
 
@@ -598,7 +598,7 @@ class ModelConfig(ZooModel):
     """Longest sequence accepted by ``forward`` (-1: no limit)."""
     num_blocks: Annotated[int, Field(ge=1, json_schema_extra={"maximum": MAX_BLOCKS}),
                           AfterValidator(_num_blocks)] = 1
-    """Number of residual blocks (at most 4096; the largest published xLSTM has 48)."""
+    """Number of residual blocks (at most 4096; the deepest preset, mlstm-7b, has 64)."""
     embedding_dim: Size = 128
     """Model width D (the residual stream)."""
     add_post_blocks_norm: bool = True
@@ -784,3 +784,12 @@ def _same(name: str, value: Any, outer: Any) -> bool:
 
 def _show(value: Any) -> str:
     return repr(value.model_dump() if isinstance(value, BaseModel) else value)
+
+
+def check_config(config: Any) -> ModelConfig:
+    """``config`` when it is a ``ModelConfig``, else ``TypeError`` (``zoo.load_config`` makes one from a preset
+    name, a path or a dict)."""
+    if not isinstance(config, ModelConfig):
+        raise TypeError(f"config must be a zoo.ModelConfig (zoo.load_config makes one from a preset name, a JSON "
+                        f"path or a dict), got {type(config).__name__}")
+    return config

@@ -7,16 +7,16 @@ place (``zoo.cli.bad_input_exits``). The subclasses live with the code that rais
 ==========================  ==========================  ================
 class                       where                       built-in base
 ==========================  ==========================  ================
-``ConfigSourceError``       ``zoo.api``                 ``ValueError``
-``TokenError``              ``zoo.api``                 ``ValueError``
+``ConfigSourceError``       ``zoo.config_source``       ``ValueError``
+``TokenError``              ``zoo.checks``              ``ValueError``
 ``ShardingError``           ``zoo.sharding``            ``ValueError``
-``CheckpointError``         ``zoo.export.checkpoint``   ``RuntimeError``
+``CheckpointError``         ``zoo.checkpoint``          ``RuntimeError``
 ``ExportError``             ``zoo.export.entries``      ``ValueError``
 ``ConvertError``            ``zoo.convert.torch``       ``ValueError``
 ``PluginError``             ``zoo.registry``            ``Exception``
 ``UnknownPluginError``      ``zoo.registry``            ``LookupError``
 ``ContractError``           ``zoo.registry.contracts``  ``ValueError``
-``CellError``               ``zoo.plugins.layers``      ``RuntimeError``
+``CellError``               ``zoo.nn.cell``             ``RuntimeError``
 ==========================  ==========================  ================
 """
 

@@ -18,7 +18,7 @@ SCHEMA_VERSION = 1
 EXPECTED = "a zoo checkpoint folder, a `zoo export` artifact folder, a config file or a preset name"
 
 
-def describe(source: str | os.PathLike, step: int | None = None) -> dict[str, Any]:
+def describe_path(source: str | os.PathLike, step: int | None = None) -> dict[str, Any]:
     """Describe a checkpoint folder (its latest step, or ``step``), an export artifact, a config file or a preset.
 
     Raises ``CheckpointRefused`` for a path of another kind (naming what it is), for ``step`` on
@@ -28,7 +28,7 @@ def describe(source: str | os.PathLike, step: int | None = None) -> dict[str, An
     The dict: docs/info.md.
     """
     from zoo import presets
-    from zoo.export.checkpoint import CheckpointRefused, classify_path
+    from zoo.checkpoint import CheckpointRefused, classify_path
 
     found = classify_path(source)
     if found.kind == "missing" and str(source) in presets.names():
@@ -85,8 +85,8 @@ def parameters(layout: dict[str, tuple[tuple[int, ...], str]], source: str) -> d
 
 
 def _config_layout(config: Any) -> dict[str, tuple[tuple[int, ...], str]]:
-    from zoo.api import param_shapes
-    from zoo.export.checkpoint import tree_layout
+    from zoo.model import param_shapes
+    from zoo.checkpoint import tree_layout
 
     return tree_layout(param_shapes(config))
 
@@ -104,7 +104,7 @@ def _plugins_of(config: Any) -> list[dict[str, Any]]:
 
 
 def _recorded_plugins(metadata: dict[str, Any]) -> list[dict[str, Any]]:
-    from zoo.export.checkpoint import plugin_status
+    from zoo.checkpoint import plugin_status
 
     return [{"kind": p.kind, "name": p.name, "plugin": p.recorded.get("plugin"), "dist": p.recorded.get("dist"),
              "version": p.recorded.get("version"), "installed": p.status == "ok",
@@ -137,7 +137,7 @@ def _validated(config_json: dict[str, Any]) -> tuple[Any, str | None]:
 
 
 def _checkpoint(root: Path, step: int | None) -> dict[str, Any]:
-    from zoo.export.checkpoint import find_step, param_layout, read_stored
+    from zoo.checkpoint import find_step, param_layout, read_stored
 
     where = find_step(root, step)
     _, config_json, metadata = read_stored(root, where.step)
@@ -209,8 +209,8 @@ def _artifact(root: Path) -> dict[str, Any]:
 
 
 def _config(source: str, path: Path | None) -> dict[str, Any]:
-    from zoo.api import load_config
-    from zoo.export.checkpoint import json_hash
+    from zoo.config_source import load_config
+    from zoo.checkpoint import json_hash
 
     config = load_config(source)
     config_json = config.model_dump(mode="json")
@@ -229,10 +229,10 @@ def _config(source: str, path: Path | None) -> dict[str, Any]:
 
 
 def rows(info: dict[str, Any]) -> list[tuple[str, str]]:
-    """``describe``'s dict as (label, text) rows for a terminal."""
+    """``describe_path``'s dict as (label, text) rows for a terminal."""
     from rich.markup import escape
 
-    from zoo.export.checkpoint import steps_text
+    from zoo.checkpoint import steps_text
     from zoo.summary import format_bytes
 
     arch = info["architecture"]

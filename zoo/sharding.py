@@ -24,9 +24,10 @@ the collectives; there is no hand-written communication.
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import math
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,8 +37,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from zoo import compiled
 from zoo.config import ModelConfig, ParallelConfig
 from zoo.errors import ZooError
+from zoo.model import boxed_param_shapes, param_shapes
 
 AXES = ("data", "fsdp", "pipeline", "model")  # ParallelConfig's <axis>_axis_size / <axis>_axis_name
 TP_LOGICAL = ("vocab", "heads", "inner", "mlp", "proj_blocks")
@@ -94,6 +97,21 @@ def with_mesh(config: ModelConfig, mesh: Mesh, updates: dict[str, Any] | None = 
         raise ShardingError(f"mesh axes {mesh.axis_names} are not the parallel axis names {names}")
     fields |= {f"{axis}_axis_size": mesh.shape.get(name, 1) for axis, name in zip(AXES, names)}
     return config.with_parallel(ParallelConfig.model_validate(fields))
+
+
+@contextlib.contextmanager
+def logical_context(config: ModelConfig, mesh: Mesh | None) -> Iterator[None]:
+    """Map the model's logical axis names onto ``mesh`` while tracing (a no-op without a mesh).
+
+    Entered inside a jitted function around ``model.apply``: it installs ``mesh`` as the abstract mesh and
+    ``logical_rules``, so the model's ``nn.with_logical_constraint`` calls become sharding constraints.
+    """
+    if mesh is None:
+        yield
+        return
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(
+            logical_rules(config.parallel or ParallelConfig())):
+        yield
 
 
 def logical_rules(parallel: ParallelConfig) -> tuple[tuple[str, Any], ...]:
@@ -169,14 +187,10 @@ def logical_specs(boxed: Any) -> Any:
 
 def param_placements(config: ModelConfig, sizes: tuple[int, ...]) -> Any:
     """``Placement`` of every parameter of ``config`` for a mesh of ``sizes``; computed abstractly."""
-    return _placements(config.model_dump_json(), tuple(sizes))
+    return compiled.per_config(_placements, config, tuple(sizes))
 
 
-@functools.lru_cache(maxsize=32)
-def _placements(config_json: str, sizes: tuple[int, ...]) -> Any:
-    from zoo.api import boxed_param_shapes
-
-    config = ModelConfig.model_validate_json(config_json)
+def _placements(config: ModelConfig, sizes: tuple[int, ...]) -> Any:
     boxed = boxed_param_shapes(config)
     return place(config, sizes, logical_specs(boxed), nn.unbox(boxed))
 
@@ -255,8 +269,6 @@ def mesh_of(tree: Any) -> Mesh | None:
 
 def bytes_per_device(config: ModelConfig, sizes: tuple[int, ...]) -> int:
     """The largest parameter footprint of any device, in float32 bytes, for a mesh of ``sizes``."""
-    from zoo.api import param_shapes
-
     parallel = config.parallel or ParallelConfig()
     size_of = _sizes_by_name(parallel, sizes)
     total = 0

@@ -6,7 +6,7 @@ the step runs sharded: the batch is split over dp × fsdp, parameters and optimi
 their layout, and XLA inserts the collectives.
 
     optimizer = zoo.training.adamw(config, learning_rate=1e-4)
-    state = zoo.training.init_state(config, params, optimizer)
+    state = zoo.training.init_train_state(config, params, optimizer)
     state, loss = zoo.training.train_step(config, optimizer, state, tokens)
 """
 
@@ -21,11 +21,11 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from zoo import sharding
-from zoo.api import _tokens, build, param_shapes
+from zoo import compiled, sharding
+from zoo.checks import check_tokens
 from zoo.config import ModelConfig
-
-Params = dict[str, Any]
+from zoo.model import Params, param_shapes
+from zoo.runtime import apply
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -42,11 +42,7 @@ def loss_fn(config: ModelConfig, params: Params, tokens: jax.Array, mesh: Mesh |
 
     With ``dropout_rng`` the model runs in training mode (the config's dropout applies).
     """
-    model = build(config, mesh)
-    params = sharding.cast_for_gather(config, mesh, params)
-    train = dropout_rng is not None
-    logits = model.apply({"params": params}, tokens[:, :-1], deterministic=not train,
-                         rngs={"dropout": dropout_rng} if train else None)
+    logits = apply(config, params, tokens[:, :-1], mesh=mesh, dropout_rng=dropout_rng)
     return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
 
 
@@ -77,16 +73,19 @@ def state_shardings(config: ModelConfig, optimizer: optax.GradientTransformation
     return TrainState(params=params, opt_state=opt_state, step=replicated)
 
 
-def init_state(config: ModelConfig, params: Params, optimizer: optax.GradientTransformation) -> TrainState:
+def init_train_state(config: ModelConfig, params: Params, optimizer: optax.GradientTransformation) -> TrainState:
     """A ``TrainState`` holding ``params`` (the step donates it), with moments laid out like the params."""
-    mesh = sharding.mesh_of(params)
-    out = None if mesh is None else state_shardings(config, optimizer, mesh).opt_state
-    opt_state = jax.jit(optimizer.init, out_shardings=out)(params)
+    opt_state = compiled.compiled(_make_optimizer_init, config, sharding.mesh_of(params), optimizer)(params)
     return TrainState(params=params, opt_state=opt_state, step=jnp.zeros((), jnp.int32))
 
 
+def _make_optimizer_init(config: ModelConfig, mesh: Mesh | None, optimizer: optax.GradientTransformation):
+    out = None if mesh is None else state_shardings(config, optimizer, mesh).opt_state
+    return jax.jit(optimizer.init, out_shardings=out)
+
+
 def _prepare(config: ModelConfig, state: TrainState, tokens: Any) -> tuple[Mesh | None, jax.Array]:
-    tokens = _tokens(config, tokens, 2, "tokens", prompt=False)  # ids in the vocabulary, when on the host
+    tokens = check_tokens(config, tokens, 2, "tokens", prompt=False)  # ids in the vocabulary, when on the host
     mesh, (tokens,) = sharding.place_batch(config, state.params, tokens)
     return mesh, tokens
 
@@ -97,22 +96,20 @@ def train_step(config: ModelConfig, optimizer: optax.GradientTransformation, sta
 
     The state keeps its layout; the input state is donated. Dropout (when configured) draws from a
     key folded with the step number. Host ``tokens`` (lists, NumPy) with an id outside ``[0, vocab_size)``
-    raise ``zoo.api.TokenError``; device arrays are not read back (an out-of-range id gives a NaN loss).
+    raise ``zoo.TokenError``; device arrays are not read back (an out-of-range id gives a NaN loss).
     """
     mesh, tokens = _prepare(config, state, tokens)
-    return _compiled_step(config.model_dump_json(), optimizer, mesh)(state, tokens)
+    return compiled.compiled(_make_step, config, mesh, optimizer)(state, tokens)
 
 
 def lower_step(config: ModelConfig, optimizer: optax.GradientTransformation, state: TrainState,
                tokens: Any) -> jax.stages.Lowered:
     """The lowered (not yet compiled) train step, e.g. to read its HLO."""
     mesh, tokens = _prepare(config, state, tokens)
-    return _compiled_step(config.model_dump_json(), optimizer, mesh).lower(state, tokens)
+    return compiled.compiled(_make_step, config, mesh, optimizer).lower(state, tokens)
 
 
-@functools.lru_cache(maxsize=16)
-def _compiled_step(config_json: str, optimizer: optax.GradientTransformation, mesh: Mesh | None):
-    config = ModelConfig.model_validate_json(config_json)
+def _make_step(config: ModelConfig, mesh: Mesh | None, optimizer: optax.GradientTransformation):
 
     def step(state: TrainState, tokens: jax.Array) -> tuple[TrainState, jax.Array]:
         rng = jax.random.fold_in(jax.random.PRNGKey(0), state.step) if config.dropout > 0 else None
@@ -126,3 +123,6 @@ def _compiled_step(config_json: str, optimizer: optax.GradientTransformation, me
     layout = state_shardings(config, optimizer, mesh)
     return jax.jit(step, donate_argnums=0, in_shardings=(layout, NamedSharding(mesh, sharding.batch_spec(config))),
                    out_shardings=(layout, NamedSharding(mesh, PartitionSpec())))
+
+
+init_state = init_train_state  # the name before 0.2

@@ -1,6 +1,6 @@
 """NX-AI PyTorch xlstm checkpoints <-> zoo checkpoints, read and written with safetensors (no torch needed).
 
-Three source formats (the mapping is the reference doc's section 10):
+Three source formats (tensor names and config fields as NX-AI's ``xlstm`` package writes them, github.com/NX-AI/xlstm):
 
 * ``xlstm_large`` (xLSTM-7B): ``model.safetensors`` or ``model_N.safetensors`` shards (or an index),
   plus ``config.yaml`` (an ``xLSTMLargeConfig``). It becomes ``layer_type: mlstm_v1``. ``to_torch``
@@ -69,7 +69,7 @@ def _first_line(exc: BaseException) -> str:
 
 def _torch_folder(src: str | os.PathLike) -> Path:
     """The resolved source folder; ``ConvertError`` saying what was expected and found when it is not one."""
-    from zoo.export.checkpoint import classify_path
+    from zoo.checkpoint import classify_path
 
     found = classify_path(src)
     if found.kind == "torch":
@@ -89,9 +89,9 @@ def read_source_config(src: Path) -> tuple[str, dict[str, Any], Path]:
     the file it came from.
 
     Raises ``ConvertError`` naming the file when there is none, or when it is unreadable, not UTF-8, over
-    ``zoo.api.MAX_CONFIG_BYTES``, malformed, nested deeper than ``zoo.api.MAX_CONFIG_DEPTH`` or not a mapping.
+    ``zoo.config_source.MAX_CONFIG_BYTES``, malformed, nested deeper than ``zoo.config_source.MAX_CONFIG_DEPTH`` or not a mapping.
     """
-    from zoo.api import MAX_CONFIG_BYTES, ConfigSourceError, _check_depth
+    from zoo.config_source import MAX_CONFIG_BYTES, ConfigSourceError, check_depth
 
     for name in ("config.yaml", "config.yml", "config.json"):
         path = src / name
@@ -110,7 +110,7 @@ def read_source_config(src: Path) -> tuple[str, dict[str, Any], Path]:
             import yaml
 
             data = yaml.safe_load(text)
-        _check_depth(data, str(path))
+        check_depth(data, str(path))
     except ConvertError:
         raise
     except ConfigSourceError as exc:
@@ -566,7 +566,7 @@ def stack_blocks(flat: Mapping[str, np.ndarray], num_blocks: int) -> dict[str, n
 
 
 def _flat_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    from zoo.api import param_shapes
+    from zoo.model import param_shapes
 
     return {_join(tuple(k.key for k in path)): tuple(leaf.shape)
             for path, leaf in jax.tree_util.tree_flatten_with_path(param_shapes(config))[0]}
@@ -694,7 +694,7 @@ def _validated(zoo_dict: dict[str, Any], torch_config: Mapping[str, Any], where:
     complaint about each."""
     from pydantic import ValidationError
 
-    from zoo.api import load_config
+    from zoo.config_source import load_config
 
     try:
         return load_config(zoo_dict)
@@ -723,7 +723,7 @@ def _stored_zoo_config(src: Path, fmt: str, from_source: ModelConfig, where: Pat
     model the source config describes) on every field xlstm_large holds, else ``ConvertError`` names them."""
     from pydantic import ValidationError
 
-    from zoo.api import ConfigSourceError, load_config
+    from zoo.config_source import ConfigSourceError, load_config
 
     path = src / ZOO_CONFIG
     if not path.exists():
@@ -772,8 +772,8 @@ def from_torch(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str | N
     Raises ``ConvertError`` (one line naming the folder, file, tensor or config field) before
     anything is written.
     """
-    from zoo.api import load_config
-    from zoo.export.checkpoint import save
+    from zoo.config_source import load_config
+    from zoo.checkpoint import save
 
     src_dir = _torch_folder(src)
     out_dir = _new_output(out)
@@ -895,7 +895,7 @@ def to_torch(checkpoint: str | os.PathLike, out: str | os.PathLike, *, step: int
     import yaml
     from safetensors.numpy import save_file
 
-    from zoo.export.checkpoint import CheckpointRefused, find_step, load, read_stored
+    from zoo.checkpoint import CheckpointRefused, find_step, load, read_stored
 
     out_dir = _new_output(out)
     try:

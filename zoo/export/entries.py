@@ -21,6 +21,9 @@ from jax import export
 from zoo import registry
 from zoo.config import ModelConfig
 from zoo.errors import ZooError
+from zoo.model import decode_state_shapes
+from zoo.runtime import apply
+from zoo.version import __version__
 
 ENTRIES = ("forward", "prefill", "step")
 PLATFORMS = ("cpu", "cuda", "tpu")
@@ -79,22 +82,15 @@ def make_entries(config: ModelConfig, names: Sequence[str], static: tuple[int, i
     ``(B, S, V)`` and the state; ``step(params, token (B,), state)`` logits ``(B, V)`` and the new state,
     the contract of ``zoo.forward``, ``zoo.prefill`` and ``zoo.step``.
     """
-    from zoo.api import build
-
-    model = build(config)
     b, s = batch_and_sequence(static)
     state = abstract_state(config, b)
     tokens = jax.ShapeDtypeStruct((b, s), jnp.int32)
 
-    def step(p: Any, token: Any, st: Any) -> tuple[Any, Any]:
-        logits, new_state = model.apply({"params": p}, token[:, None], mode="step", state=st)
-        return logits[:, 0], new_state  # (B, V), as zoo.step returns
-
     every = {
-        "forward": Entry("forward", lambda p, t: model.apply({"params": p}, t), (tokens,), ("tokens",)),
-        "prefill": Entry("prefill", lambda p, t: model.apply({"params": p}, t, mode="prefill"), (tokens,),
-                         ("tokens",)),
-        "step": Entry("step", step, (jax.ShapeDtypeStruct((b,), jnp.int32), state), ("token", "state")),
+        "forward": Entry("forward", lambda p, t: apply(config, p, t), (tokens,), ("tokens",)),
+        "prefill": Entry("prefill", lambda p, t: apply(config, p, t, mode="prefill"), (tokens,), ("tokens",)),
+        "step": Entry("step", lambda p, t, st: apply(config, p, t, mode="step", state=st),
+                      (jax.ShapeDtypeStruct((b,), jnp.int32), state), ("token", "state")),
     }
     return [every[name] for name in names]
 
@@ -106,10 +102,8 @@ def batch_and_sequence(static: tuple[int, int] | None) -> tuple[Any, Any]:
 
 def abstract_state(config: ModelConfig, batch: Any) -> Any:
     """Shapes and dtypes of the decoding state for ``batch`` sequences (leading axis: blocks)."""
-    from zoo.api import init_state
-
     return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct((a.shape[0], batch, *a.shape[2:]), a.dtype),
-                                  init_state(config, 1))
+                                  decode_state_shapes(config, 1))
 
 
 def new_directory(out_dir: str | os.PathLike) -> Path:
@@ -128,7 +122,7 @@ def new_directory(out_dir: str | os.PathLike) -> Path:
     return out
 
 
-def describe(tree: Any, prefix: str) -> list[dict[str, Any]]:
+def leaf_specs(tree: Any, prefix: str) -> list[dict[str, Any]]:
     """Name, shape and dtype of each leaf, named by its path under ``prefix`` (``state['c']``)."""
     return [{"name": prefix + jax.tree_util.keystr(path), "shape": [str(d) for d in leaf.shape],
              "dtype": str(leaf.dtype)} for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
@@ -142,8 +136,6 @@ def abstract(tree: Any) -> Any:
 def common_manifest(config: ModelConfig, fmt: str, platforms: Sequence[str], entries: Sequence[str],
                     static: tuple[int, int] | None = None) -> dict[str, Any]:
     """Manifest fields shared by every format: config and its hash, versions, platforms, state layout."""
-    from zoo import __version__
-
     config_json = config.model_dump_json()
     stateful = {"prefill", "step"} & set(entries)
     return {
@@ -154,6 +146,6 @@ def common_manifest(config: ModelConfig, fmt: str, platforms: Sequence[str], ent
         "config_sha256": hashlib.sha256(config_json.encode()).hexdigest(),
         "config": json.loads(config_json),
         "vocab_size": config.vocab_size,
-        "state_structure": describe(abstract_state(config, batch_and_sequence(static)[0]), "state")
+        "state_structure": leaf_specs(abstract_state(config, batch_and_sequence(static)[0]), "state")
         if stateful else [],
     }

@@ -41,14 +41,14 @@ class Artifact:
 
 
 def _checkpoint(path: Path, step: int | None) -> Artifact:
-    import zoo.api
-    from zoo.export.checkpoint import load
+    from zoo import runtime
+    from zoo.checkpoint import load
 
     config, params = load(path, step)
     calls = {
-        "forward": lambda t: zoo.api.forward(config, params, t),
-        "prefill": lambda t: _as_numpy(zoo.api.prefill(config, params, t)),
-        "step": lambda t, s: _as_numpy(zoo.api.step(config, params, t, s)),
+        "forward": lambda t: runtime.forward(config, params, t),
+        "prefill": lambda t: _as_numpy(runtime.prefill(config, params, t)),
+        "step": lambda t, s: _as_numpy(runtime.step(config, params, t, s)),
     }
     return Artifact(path, "checkpoint", config.vocab_size, frozenset(calls), context_length=config.context_length,
                     _calls=calls)
@@ -185,7 +185,7 @@ def open_artifact(path: str | os.PathLike, step: int | None = None) -> Artifact:
     export directory, and ``ExportError`` (one line) for an export directory whose config does not match its
     ``config_sha256`` or whose files cannot be read back.
     """
-    from zoo.export.checkpoint import CHECKPOINT, CheckpointRefused, classify_path
+    from zoo.checkpoint import CHECKPOINT, CheckpointRefused, classify_path
 
     root = Path(path).expanduser().resolve()
     manifest_path = root / "manifest.json"
@@ -245,16 +245,23 @@ def greedy(artifact: Artifact, prompt: Sequence[int], max_new_tokens: int) -> tu
         logits = artifact.forward(tokens)
     else:
         raise ExportError(f"{artifact.path} has neither a forward entry nor prefill and step")
-    first = last = logits[0, -1]
-    generated: list[int] = []
-    while len(generated) < max_new_tokens:
-        generated.append(int(np.argmax(last)))
-        if len(generated) == max_new_tokens or (not stateful and artifact.static is not None):
-            break
-        if stateful:
-            step_logits, state = artifact.step(np.full((batch,), generated[-1], np.int32), state)
-            last = step_logits[0]
-        else:
-            tokens = np.concatenate([tokens, np.full((batch, 1), generated[-1], np.int32)], axis=1)
-            last = artifact.forward(tokens)[0, -1]
-    return first, generated
+    from zoo.inference import decode_loop
+
+    first = logits[0, -1]
+
+    def next_token(last: np.ndarray) -> np.ndarray:
+        return np.full((batch,), np.argmax(last), np.int32)
+
+    def step(token: np.ndarray, state: Any) -> tuple[np.ndarray, Any]:
+        step_logits, state = artifact.step(token, state)
+        return next_token(step_logits[0]), state
+
+    def rerun(token: np.ndarray, sequence: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        sequence = np.concatenate([sequence, token[:, None]], axis=1)
+        return next_token(artifact.forward(sequence)[0, -1]), sequence
+
+    if stateful:
+        out = decode_loop(step, next_token(first), state, max_new_tokens)
+    else:  # a static-shape forward cannot take a longer sequence: one token
+        out = decode_loop(rerun, next_token(first), tokens, 1 if artifact.static is not None else max_new_tokens)
+    return first, [int(token[0]) for token in out.tokens]

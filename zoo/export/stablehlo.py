@@ -27,7 +27,7 @@ import numpy as np
 from jax import export
 
 from zoo.config import ModelConfig
-from zoo.export.entries import (ENTRIES, PLATFORMS, ExportError, abstract, check_request, common_manifest, describe,
+from zoo.export.entries import (ENTRIES, PLATFORMS, ExportError, abstract, check_request, common_manifest, leaf_specs,
                                 make_entries, new_directory)
 from zoo.registry import hookimpl
 from zoo.staging import staged
@@ -95,15 +95,15 @@ def export_stablehlo(config: ModelConfig, params: Any, out_dir: str | os.PathLik
                 fn = jax.jit(lambda w, *a, fn=entry.fn: fn(
                     jax.tree_util.tree_unflatten(treedef, [w[n] for n in names]), *a))
                 exported = export.export(fn, platforms=tuple(platforms))(abstract(flat), *entry.args)
-                inputs = describe(abstract(flat), "weights")
-            inputs += [d for arg, name in zip(entry.args, entry.arg_names) for d in describe(arg, name)]
+                inputs = leaf_specs(abstract(flat), "weights")
+            inputs += [d for arg, name in zip(entry.args, entry.arg_names) for d in leaf_specs(arg, name)]
             (staging / f"{entry.name}.jax_exported").write_bytes(exported.serialize())
             outputs = jax.tree_util.tree_unflatten(exported.out_tree, exported.out_avals)
             manifest_entries[entry.name] = {
                 "file": f"{entry.name}.jax_exported",
                 "inputs": inputs,
-                "outputs": (describe(outputs, "logits") if entry.name == "forward"
-                            else describe(outputs[0], "logits") + describe(outputs[1], "state")),
+                "outputs": (leaf_specs(outputs, "logits") if entry.name == "forward"
+                            else leaf_specs(outputs[0], "logits") + leaf_specs(outputs[1], "state")),
                 # With several platforms, the StableHLO main takes the platform index first (cpu, cuda, tpu order).
                 "mlir_platform_index_argument": len(platforms) > 1,
             }

@@ -3,8 +3,12 @@
 ``resolve(kind, name)`` and ``available(kind)`` use the process-wide registry, which is built
 on first use from the built-in plugins plus the ``zoo`` entry-point group
 (``ZOO_DISABLE_PLUGIN_AUTOLOAD=1`` skips entry points, ``ZOO_PLUGINS=a,b`` is an allowlist,
-``ZOO_TRACE_PLUGINS=1`` logs every hook call and registration to stderr). A name registered by two
-distributions resolves as ``dist:name``; the bare name is ambiguous unless one says ``override=True``.
+``ZOO_TRACE_PLUGINS=1`` logs every hook call and registration to stderr). A name registered by
+several distributions stays reachable as ``dist:name`` for each of them. The bare name goes to the
+one registration made with ``override=True``; when none says ``override=True``, built-in names win
+and it goes to the built-in registration. With several overrides, or with neither an override nor a
+built-in, it is ambiguous and resolving it names every candidate (see ``Conflict``). The plugin
+kinds, their hooks, metadata and contracts are one table, ``zoo.registry.kinds``.
 """
 
 from __future__ import annotations

@@ -1,8 +1,10 @@
-"""What each kind of registered object must be, checked when a plugin registers it.
+"""Contract checks: what a registered object and its metadata must be, per kind (the kind table uses them).
 
 A registration that breaks its kind's contract (wrong call signature, missing or unknown
 metadata, a ``kwargs_model`` that is not pydantic) is refused with a message that says what is
-wrong, so the mistake surfaces at load time rather than deep inside a model build.
+wrong, so the mistake surfaces at load time rather than deep inside a model build. Each check
+takes ``(obj, metadata)`` and returns the list of problems (empty when the registration is fine);
+:mod:`zoo.registry.kinds` names the check of each kind and raises :class:`ContractError`.
 """
 
 from __future__ import annotations
@@ -17,19 +19,12 @@ from pydantic import BaseModel
 from zoo.errors import ZooError
 
 PLATFORMS = ("cpu", "cuda", "tpu")
-COMMON_METADATA = {"description", "override"}
+COMMON_METADATA = frozenset({"description", "override"})
+"""Metadata every kind accepts: a one-line ``description`` (``zoo plugins``) and ``override`` (bare-name conflicts)."""
 CELL_STATE_ARGS = ("c_initial", "n_initial", "m_initial", "return_last_states")
 
-# kind: (required metadata, optional metadata)
-METADATA: dict[str, tuple[frozenset[str], frozenset[str]]] = {
-    "layer": (frozenset({"derived_sizes"}), frozenset({"check_config", "unused_fields"})),
-    "norm": (frozenset(), frozenset()),
-    "init": (frozenset(), frozenset()),
-    "distribution": (frozenset(), frozenset()),
-    "cell": (frozenset({"supports_state", "exportable", "platforms"}),
-             frozenset({"sequence_constraint", "kwargs_model", "reference", "state_reference"})),
-    "exporter": (frozenset(), frozenset({"weights"})),
-}
+Check = Callable[[Any, Mapping[str, Any]], list[str]]
+"""A kind's contract check: ``check(obj, metadata) -> [problem, ...]``."""
 
 
 class ContractError(ZooError, ValueError):
@@ -43,7 +38,7 @@ def _signature(obj: Any) -> inspect.Signature | None:
         return None
 
 
-def _accepts(obj: Callable[..., Any], *args: str, keywords: tuple[str, ...] = ()) -> list[str]:
+def cannot_take(obj: Callable[..., Any], *args: str, keywords: tuple[str, ...] = ()) -> list[str]:
     """Parameter names of the contract that ``obj`` cannot take (positional ``args``, keyword ``keywords``)."""
     sig = _signature(obj)
     if sig is None:
@@ -61,8 +56,9 @@ def _accepts(obj: Callable[..., Any], *args: str, keywords: tuple[str, ...] = ()
     return missing + [f"(no default for {name})" for name in required_extra]
 
 
-def _check_metadata(kind: str, metadata: Mapping[str, Any]) -> list[str]:
-    required, optional = METADATA[kind]
+def check_metadata(kind: str, required: frozenset[str], optional: frozenset[str],
+                   metadata: Mapping[str, Any]) -> list[str]:
+    """Missing and unknown metadata keys (with a close match when there is one), and malformed common values."""
     allowed = required | optional | COMMON_METADATA
     problems = [f"missing metadata {key!r}" for key in sorted(required - set(metadata))]
     for key in sorted(set(metadata) - allowed):
@@ -77,7 +73,35 @@ def _check_metadata(kind: str, metadata: Mapping[str, Any]) -> list[str]:
     return problems
 
 
-def _check_cell(obj: Any, metadata: Mapping[str, Any]) -> list[str]:
+def callable_as(kind: str, call: str, *args: str, keywords: tuple[str, ...] = ()) -> Check:
+    """The check that ``obj`` is callable as ``call`` (its text), taking positional ``args`` and ``keywords``."""
+
+    def check(obj: Any, metadata: Mapping[str, Any]) -> list[str]:
+        missing = cannot_take(obj, *args, keywords=keywords) if callable(obj) else ["(not callable)"]
+        return [f"{kind} must be callable as {call}; it cannot take: {', '.join(missing)}"] if missing else []
+
+    return check
+
+
+def module_class(kind: str, *fields: str) -> Check:
+    """The check that ``obj`` is a ``flax.linen.Module`` subclass with dataclass ``fields``."""
+
+    def check(obj: Any, metadata: Mapping[str, Any]) -> list[str]:
+        import flax.linen as nn
+
+        if not (isinstance(obj, type) and issubclass(obj, nn.Module)):
+            return [f"{kind} must be a flax.linen.Module subclass, got {obj!r}"]
+        names = set(getattr(obj, "__dataclass_fields__", {}))
+        missing = [f for f in fields if f not in names]
+        return [f"{kind} module must have fields {', '.join(fields)}; missing: {', '.join(missing)}"] if missing else []
+
+    return check
+
+
+def check_cell(obj: Any, metadata: Mapping[str, Any]) -> list[str]:
+    """The cell contract of :mod:`zoo.nn.cell`: flags, platforms and the call signature (with its kwargs)."""
+    if not callable(obj):
+        return ["cell must be callable"]
     problems = []
     for key in ("supports_state", "exportable"):
         if key in metadata and not isinstance(metadata[key], bool):
@@ -90,49 +114,20 @@ def _check_cell(obj: Any, metadata: Mapping[str, Any]) -> list[str]:
     model = metadata.get("kwargs_model")
     if isinstance(model, type) and issubclass(model, BaseModel):
         keywords += tuple(model.model_fields)
-    missing = _accepts(obj, "q", "k", "v", "i", "f", keywords=keywords)
+    missing = cannot_take(obj, "q", "k", "v", "i", "f", keywords=keywords)
     if missing:
         problems.append("cell must be callable as cell(q, k, v, i, f, *, eps, ...) accepting "
                         f"{', '.join(keywords)}; it cannot take: {', '.join(missing)}")
     return problems
 
 
-def _check_module_class(kind: str, obj: Any, fields: tuple[str, ...]) -> list[str]:
-    import flax.linen as nn
-
-    if not (isinstance(obj, type) and issubclass(obj, nn.Module)):
-        return [f"{kind} must be a flax.linen.Module subclass, got {obj!r}"]
-    names = set(getattr(obj, "__dataclass_fields__", {}))
-    missing = [f for f in fields if f not in names]
-    return [f"{kind} module must have fields {', '.join(fields)}; missing: {', '.join(missing)}"] if missing else []
+_layer_module = module_class("layer", "config", "num_blocks")
 
 
-def check_registration(kind: str, obj: Any, metadata: Mapping[str, Any]) -> None:
-    """Raise :class:`ContractError` listing every way ``obj`` and ``metadata`` break ``kind``'s contract."""
-    problems = _check_metadata(kind, metadata)
-    if kind == "cell":
-        problems += ["cell must be callable"] if not callable(obj) else _check_cell(obj, metadata)
-    elif kind == "layer":
-        problems += _check_module_class("layer", obj, ("config", "num_blocks"))
-        for key in ("derived_sizes", "check_config"):
-            if key in metadata and not callable(metadata[key]):
-                problems.append(f"{key} must be callable, got {metadata[key]!r}")
-    elif kind == "norm":
-        problems += _check_module_class("norm", obj, ("eps", "dtype", "scale_ndim"))
-    elif kind == "init":
-        missing = _accepts(obj, "dim", "num_blocks", "distribution") if callable(obj) else ["(not callable)"]
-        if missing:
-            problems.append(f"init must be callable as fn(dim, num_blocks, distribution); it cannot take: "
-                            f"{', '.join(missing)}")
-    elif kind == "distribution":
-        missing = _accepts(obj, "std") if callable(obj) else ["(not callable)"]
-        if missing:
-            problems.append(f"distribution must be callable as fn(std); it cannot take: {', '.join(missing)}")
-    elif kind == "exporter":
-        missing = (_accepts(obj, "config", "params", "out_dir", keywords=("platforms", "entries"))
-                   if callable(obj) else ["(not callable)"])
-        if missing:
-            problems.append("exporter must be callable as fn(config, params, out_dir, *, platforms, entries, "
-                            f"**options); it cannot take: {', '.join(missing)}")
-    if problems:
-        raise ContractError("; ".join(problems))
+def check_layer(obj: Any, metadata: Mapping[str, Any]) -> list[str]:
+    """A flax module class with fields ``config`` and ``num_blocks``; ``derived_sizes`` and ``check_config`` callable."""
+    problems = _layer_module(obj, metadata)
+    for key in ("derived_sizes", "check_config"):
+        if key in metadata and not callable(metadata[key]):
+            problems.append(f"{key} must be callable, got {metadata[key]!r}")
+    return problems

@@ -17,12 +17,26 @@ from typing import Any
 import pluggy
 
 from zoo.errors import ZooError
+from zoo.version import DISTRIBUTION, __version__
 from . import hookspecs
-from .contracts import ContractError, check_registration
-from .hookspecs import HOOK_BY_KIND, KINDS, PROJECT
+from .contracts import ContractError
+from .hookspecs import PROJECT
+from .kinds import HOOK_BY_KIND, KINDS, check_registration
 
 ENTRY_POINT_GROUP = "zoo"
-BUILTIN_DIST = "xlstm-zoo"
+BUILTIN_DIST = DISTRIBUTION
+BUILTIN_MODULES = (
+    "zoo.plugins.norms",
+    "zoo.plugins.inits",
+    "zoo.plugins.cells.parallel",
+    "zoo.plugins.cells.chunkwise",
+    "zoo.plugins.cells.recurrent",
+    "zoo.plugins.layers.mlstm",
+    "zoo.plugins.layers.mlstm_v1",
+    "zoo.export.stablehlo",
+    "zoo.export.savedmodel",
+)
+"""The built-in plugin modules, registered under ``BUILTIN_DIST`` before any entry point."""
 TRUE = {"1", "true", "yes"}
 _NON_ALNUM = re.compile(r"[-_.]+")
 
@@ -238,10 +252,8 @@ class PluginRegistry:
     # -- loading -------------------------------------------------------------------------
 
     def _load_builtins(self) -> None:
-        from zoo import __version__
-        from zoo.plugins import BUILTIN_MODULES
-
         for module_name in BUILTIN_MODULES:
+            # the one allowed path from the core to the built-in plugins (as simonw/llm loads its default plugins)
             info = self.add_plugin(importlib.import_module(module_name), module_name,
                                    dist=BUILTIN_DIST, version=__version__, builtin=True)
             if not info.ok:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import zoo
-from zoo.export.checkpoint import read_metadata
+from zoo.checkpoint import read_metadata
 from zoo.testing import assert_cell_matches_reference, isolated_registry, random_cell_inputs, random_states
 
 DIST = "zoo-mlstm-sig"

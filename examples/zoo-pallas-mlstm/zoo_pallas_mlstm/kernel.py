@@ -234,7 +234,7 @@ _mlstm.defvjp(_mlstm_fwd, _mlstm_bwd)
 
 def pallas_chunkwise(q, k, v, i, f, *, c_initial=None, n_initial=None, m_initial=None, return_last_states=False,
                      eps=1e-6, chunk_size=64, interpret=None):
-    """mLSTM in chunks of ``chunk_size`` as one Pallas kernel; states in and out (see ``zoo.plugins.cells``).
+    """mLSTM in chunks of ``chunk_size`` as one Pallas kernel; states in and out (see ``zoo.nn.cell``).
 
     ``interpret=None`` picks the kernel per lowering platform: Triton on CUDA, Mosaic on TPU and
     the interpreted kernel (plain XLA ops) elsewhere, which on this CPU-only build is what runs.

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from pydantic import BaseModel, ConfigDict, Field
 
-from zoo.plugins.cells.common import States, initial_states, log_forget_matrix
+from zoo.nn.cell import States, initial_states, log_forget_matrix
 from zoo.registry import hookimpl
 
 

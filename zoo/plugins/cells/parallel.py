@@ -1,6 +1,6 @@
 """The ``parallel_stabilized`` cell: the quadratic, max-stabilised parallel form of the mLSTM.
 
-See ``zoo.plugins.cells`` for the cell contract.
+See ``zoo.nn.cell`` for the cell contract.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from pydantic import BaseModel, ConfigDict, Field
 
-from zoo.plugins.cells.common import log_forget_matrix
+from zoo.nn.cell import log_forget_matrix
 from zoo.registry import hookimpl
 
 

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from pydantic import BaseModel, ConfigDict, Field
 
-from zoo.plugins.cells.common import States, initial_states
+from zoo.nn.cell import States, initial_states
 from zoo.registry import hookimpl
 
 

@@ -1,4 +1,8 @@
-"""The ``mlstm`` layer: NeurIPS xLSTM's pre-up-projection block (causal conv, headwise q/k/v, skip, swish(z))."""
+"""The ``mlstm`` layer: the mLSTM block with pre up-projection of the xLSTM paper (Beck et al., arXiv 2405.04517).
+
+Causal conv, headwise (block-diagonal) q/k/v, learnable skip and a swish(z) output gate, as NX-AI's
+xlstm-jax implements it in ``mLSTMLayer`` (``xlstm_jax/models/xlstm_parallel/blocks/mlstm/layer.py``).
+"""
 
 from __future__ import annotations
 
@@ -9,19 +13,20 @@ import jax
 import jax.numpy as jnp
 
 from zoo.config import LayerConfig
-from zoo.parts import gate_bias_init, initializer, make_norm, partitioned
-from zoo.plugins.layers.components import (
-    CausalConv1d,
-    GateProjection,
-    LinearHeadwiseExpand,
-    is_integer,
-    run_cell,
-)
+from zoo.nn.cell import run_cell
+from zoo.nn.factories import gate_bias_init, make_norm, partitioned
+from zoo.nn.layers import CausalConv1d, GateProjection, LinearHeadwiseExpand, is_integer, preamble
 from zoo.registry import hookimpl
 
 
 def derived_sizes(cfg: LayerConfig) -> dict[str, int]:
-    """Inner width, projection blocks and per-head q/k and v widths (reference §3.1)."""
+    """Inner width, projection blocks and per-head q/k and v widths.
+
+    As in NX-AI's xlstm-jax: the inner width Di is ``proj_factor·embedding_dim`` rounded to a multiple
+    of ``round_proj_up_to_multiple_of`` (``UpProjConfigMixin``) and the projection blocks number
+    ``Di // qkv_proj_blocksize`` (``num_proj_heads`` of ``mLSTMInnerLayer``). The q/k and v widths are
+    Di scaled by ``qk_dim_factor`` and ``v_dim_factor`` (1.0, xlstm-jax's Di, by default).
+    """
     inner = cfg.proj_up_dim
     blocks = inner // cfg.qkv_proj_blocksize
     qk = blocks * (round(cfg.qk_dim_factor * inner) // blocks) if blocks else 0
@@ -86,12 +91,8 @@ class MLSTMLayer(nn.Module):
                  mode: str = "forward", state: dict[str, jax.Array] | None = None):
         cfg = self.config
         sizes = derived_sizes(cfg)
-        B, S, D = x.shape
-        NH = cfg.num_heads
-        dtype = jnp.dtype(cfg.dtype)
-        small = initializer("small", cfg.init_distribution, D)
-        dense = partial(nn.Dense, use_bias=cfg.bias, dtype=dtype, param_dtype=jnp.float32,
-                        kernel_init=partitioned(small, "embed", "inner"))  # column-parallel up-projections
+        p = preamble(cfg, x)
+        B, S, NH, dtype, small, dense = p.B, p.S, p.NH, p.dtype, p.small_init, p.dense
         x_m = dense(sizes["inner_dim"], name="proj_up_mlstm")(x)
         z = dense(sizes["v_dim"], name="proj_up_z")(x)
         new_state = None if mode == "forward" else {}
@@ -132,9 +133,7 @@ class MLSTMLayer(nn.Module):
             learnable_skip = self.param("learnable_skip", partitioned(nn.initializers.ones, "inner"),
                                         (sizes["v_dim"],), jnp.float32)
             y = (h + learnable_skip.astype(dtype) * skip) * nn.silu(z)
-        out_init = initializer(cfg.output_init_fn, cfg.init_distribution, D, self.num_blocks)
-        y = dense(D, kernel_init=partitioned(out_init, "inner", "embed"), name="proj_down")(y)  # row-parallel
-        return nn.Dropout(cfg.dropout)(y, deterministic=deterministic), new_state
+        return p.project_down(y, self.num_blocks, deterministic), new_state
 
 
 @hookimpl

@@ -1,4 +1,9 @@
-"""The ``mlstm_v1`` layer: the xLSTM-7B post-up-projection layer (dense q/k/v, sigmoid output gate)."""
+"""The ``mlstm_v1`` layer: the mLSTM layer of xLSTM 7B (Beck et al., arXiv 2503.13427).
+
+Dense q/k/v and output-gate projections of the block input, a sigmoid output gate and a multi-head
+out-norm, as NX-AI's xlstm-jax implements it in ``mLSTMLayerV1``
+(``xlstm_jax/models/xlstm_parallel/blocks/mlstm/layer_v1.py``).
+"""
 
 from __future__ import annotations
 
@@ -9,13 +14,17 @@ import jax
 import jax.numpy as jnp
 
 from zoo.config import LayerConfig
-from zoo.parts import gate_bias_init, initializer, make_norm, partitioned
-from zoo.plugins.layers.components import GateProjection, run_cell
+from zoo.nn.cell import run_cell
+from zoo.nn.factories import gate_bias_init, make_norm, partitioned
+from zoo.nn.layers import GateProjection, preamble
 from zoo.registry import hookimpl
 
 
 def derived_sizes(cfg: LayerConfig) -> dict[str, int]:
-    """Total and per-head q/k and v widths (reference §3.1)."""
+    """Total and per-head q/k and v widths: ``int(embedding_dim·qk_dim_factor)`` and ``int(embedding_dim·v_dim_factor)``.
+
+    As in NX-AI's xlstm-jax ``mLSTMLayerV1``, whose q/k/v projections are ``int(embedding_dim·scale)`` wide.
+    """
     qk = int(cfg.embedding_dim * cfg.qk_dim_factor)
     v = int(cfg.embedding_dim * cfg.v_dim_factor)
     return {"qk_dim": qk, "v_dim": v, "qk_head_dim": qk // cfg.num_heads, "v_head_dim": v // cfg.num_heads}
@@ -43,12 +52,8 @@ class MLSTMv1Layer(nn.Module):
                  mode: str = "forward", state: dict[str, jax.Array] | None = None):
         cfg, cell = self.config, self.config.mlstm_cell
         sizes = derived_sizes(cfg)
-        B, S, D = x.shape
-        NH = cfg.num_heads
-        dtype = jnp.dtype(cfg.dtype)
-        small = initializer("small", cfg.init_distribution, D)
-        dense = partial(nn.Dense, use_bias=cfg.bias, dtype=dtype, param_dtype=jnp.float32,
-                        kernel_init=partitioned(small, "embed", "inner"))  # column-parallel q, k, v, o
+        p = preamble(cfg, x)
+        B, S, NH, dtype, dense = p.B, p.S, p.NH, p.dtype, p.dense
         q = dense(sizes["qk_dim"], name="dense_q")(x).reshape(B, S, NH, -1)
         k = dense(sizes["qk_dim"], name="dense_k")(x).reshape(B, S, NH, -1)
         v = dense(sizes["v_dim"], name="dense_v")(x).reshape(B, S, NH, -1)
@@ -61,9 +66,7 @@ class MLSTMv1Layer(nn.Module):
             k = make_norm(cfg.norm_type, cell.norm_eps, dtype, name="k_norm")(k)
         h, new_state = run_cell(cell, q, k, v, i, f, document_borders, mode, state)
         h = make_norm(cell.norm_type_v1, cell.norm_eps, dtype, 2, name="outnorm")(h).reshape(B, S, -1)
-        out_init = initializer(cfg.output_init_fn, cfg.init_distribution, D, self.num_blocks)
-        y = dense(D, kernel_init=partitioned(out_init, "inner", "embed"), name="proj_down")(nn.sigmoid(o) * h)
-        return nn.Dropout(cfg.dropout)(y, deterministic=deterministic), new_state
+        return p.project_down(nn.sigmoid(o) * h, self.num_blocks, deterministic), new_state
 
 
 @hookimpl
