@@ -23,13 +23,15 @@ $(VENV)/.installed-test: pyproject.toml $(addsuffix /pyproject.toml,$(EXAMPLES))
 demo: $(VENV)/.installed
 	$(BIN)/zoo validate configs/demo.json
 	rm -rf checkpoints/demo
-	$(BIN)/zoo build configs/demo.json --out checkpoints/demo
-	$(BIN)/zoo generate checkpoints/demo --prompt-ids 1,2,3,4 --max-new-tokens 12
+	$(BIN)/zoo build configs/demo.json --out checkpoints/demo --tokenizer configs/demo-tokenizer.json
+	@echo "# the model's weights are random, so its text is gibberish: the demo shows the path, not a language model"
+	$(BIN)/zoo generate checkpoints/demo --prompt "The quick brown fox" --max-new-tokens 24 --temperature 0.8 --top-p 0.95
+	$(BIN)/zoo generate checkpoints/demo --prompt-ids 1,2,3,4 --prompt-ids 5,6 --max-new-tokens 12
 	rm -rf artifacts/demo-stablehlo artifacts/demo-savedmodel
 	$(BIN)/zoo export checkpoints/demo --format stablehlo --out artifacts/demo-stablehlo
 	$(BIN)/zoo export checkpoints/demo --format savedmodel --out artifacts/demo-savedmodel
-	$(BIN)/zoo run artifacts/demo-stablehlo --prompt-ids 1,2,3,4 --max-new-tokens 12
-	$(BIN)/zoo run artifacts/demo-savedmodel --prompt-ids 1,2,3,4 --max-new-tokens 12
+	$(BIN)/zoo run artifacts/demo-stablehlo --prompt "The quick brown fox" --max-new-tokens 12
+	$(BIN)/zoo run artifacts/demo-savedmodel --prompt "The quick brown fox" --max-new-tokens 12
 
 # -n auto: one pytest worker per core (2 on the CI machine)
 test: $(VENV)/.installed-test
@@ -39,7 +41,7 @@ $(VENV)/.installed-bench: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e ".[bench]"
 	touch $@ $(VENV)/.installed
 
-# kernel, model, decode, compile and export benchmarks (~15-20 min on 2 cores); writes
+# kernel, model, decode, generation, compile and export benchmarks (~18-23 min on 2 cores); writes
 # benchmarks/results/bench.json and PNG plots, prints the targets met/missed. `make bench BENCH_ARGS=--quick`: smoke run
 bench: $(VENV)/.installed-bench
 	$(BIN)/python -m benchmarks all $(BENCH_ARGS)

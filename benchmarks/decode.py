@@ -12,7 +12,7 @@ import numpy as np
 import zoo
 from benchmarks.common import best_of_threads, interleaved, median, torch_thread_variants
 from benchmarks.models import replace_keys, torch_model, zoo_config, zoo_params
-from zoo.inference import decode_loop, generate, step_fn
+from zoo.inference import SamplingParams, decode_loop, generate, sampler_state, step_fn
 
 
 def _torch_decode(model: Any, prompt: np.ndarray, new_tokens: int) -> float:
@@ -43,17 +43,17 @@ def latency_vs_context(cfg: Any, params: Any, contexts: list[int], steps: int, r
         t0 = time.perf_counter()
         logits, states[context] = jax.block_until_ready(zoo.prefill(cfg, params, prompt))
         prefill_s[context] = time.perf_counter() - t0
-    key, temperature = jax.random.PRNGKey(0), jnp.float32(0.0)
 
-    def step(token: jax.Array, carry: tuple[Any, jax.Array]) -> tuple[jax.Array, tuple[Any, jax.Array]]:
-        token, state, k = fused(params, token, *carry, temperature)
-        return token, (state, k)
+    def step(token: jax.Array, carry: tuple[Any, Any]) -> tuple[jax.Array, tuple[Any, Any]]:
+        sampled, state, sampler = fused(params, token, *carry)
+        return sampled.tokens, (state, sampler)
 
     def run(context):
         def go():
             state = jax.tree_util.tree_map(jnp.copy, states[context])  # donated by the step function
-            jax.block_until_ready(state)
-            out = decode_loop(step, jnp.zeros((1,), jnp.int32), (state, key), steps + 1)  # steps steps, all timed
+            sampler = sampler_state([SamplingParams()], [[0]], cfg.vocab_size)  # greedy
+            jax.block_until_ready((state, sampler))
+            out = decode_loop(step, jnp.zeros((1,), jnp.int32), (state, sampler), steps + 1)  # steps steps, all timed
             per_token[context].append((out.first_step_s + out.decode_s) / steps)
         return go
 
@@ -82,7 +82,7 @@ def run(quick: bool) -> dict[str, Any]:
 
     def zoo_run():
         g = generate(cfg, params, prompt, zoo_tokens)
-        per_token.setdefault("zoo generate", []).append(g.decode_s / (zoo_tokens - 2))  # all but the first 2 steps
+        per_token.setdefault("zoo generate", []).append(g.decode_s / (g.steps - 1))  # all steps but the first
 
     def torch_run():
         per_token.setdefault(f"torch step @{torch.get_num_threads()}t", []).append(

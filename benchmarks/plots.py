@@ -1,4 +1,5 @@
-"""PNG plots of ``bench.json``: time and memory vs S, throughput vs the matmul roofline, decode latency vs context."""
+"""PNG plots of ``bench.json``: time and memory vs S, throughput vs the matmul roofline, decode latency vs context,
+generation (ragged batch and CLI cache)."""
 
 from __future__ import annotations
 
@@ -96,6 +97,35 @@ def decode_latency(decode: dict[str, Any], path: Path) -> Path:
     return _save(fig, path)
 
 
+def generation(gen: dict[str, Any], path: Path) -> Path:
+    """Ragged batch vs one prompt at a time (tokens/s beside the bandwidth ceiling), and ``zoo generate`` per cache."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    ragged = gen["ragged_batch"]
+    names = ("batched", "sequential")
+    for i, (key, label) in enumerate((("tokens_per_s", "new tokens / wall s"),
+                                      ("decode_tokens_per_s", "decode-only (rows × steps / decode s)"),
+                                      ("decode_ceiling_tokens_per_s", "ceiling: batch × bandwidth / bytes per step"))):
+        axes[0].bar([j + 0.27 * (i - 1) for j in range(len(names))], [ragged[n][key] for n in names], 0.27,
+                    label=label, hatch="//" if "ceiling" in key else None, alpha=0.5 if "ceiling" in key else 1.0)
+    axes[0].axhline(ragged["compute_ceiling_tokens_per_s"], color="k", ls="--",
+                    label=f"compute ceiling: {ragged['matmul_gflops']:.0f} GFLOP/s / 2 FLOPs per weight")
+    axes[0].set_xticks(range(len(names)), [f"{len(ragged['prompt_lengths'])} prompts in one call", "one call per prompt"])
+    axes[0].set(yscale="log", ylabel="tokens/s", title=f"ragged batch, {ragged['preset']}, {ragged['new_tokens']} new "
+                f"tokens each\n(ceilings measured in the same run: {ragged['bandwidth_gbs']:.0f} GB/s copy)")
+    cli = gen["cli"]
+    cases = (("cold", "cold cache"), ("second_call", "second call"), ("warm", "warm (median)"), ("off", "no cache"))
+    bars = axes[1].bar([label for _, label in cases], [cli[name]["wall_s"] for name, _ in cases])
+    for bar, (name, _) in zip(bars, cases):
+        axes[1].annotate(f"first step {cli[name]['first_step_ms']:.0f} ms", (bar.get_x() + bar.get_width() / 2,
+                         bar.get_height()), ha="center", va="bottom", fontsize=8)
+    axes[1].set(ylabel="wall s per process", title="zoo generate on the demo model\n(JAX persistent compilation cache)")
+    for ax in axes:
+        ax.grid(True, axis="y", alpha=0.3)
+    axes[0].legend(fontsize=7)
+    return _save(fig, path)
+
+
 def write_all(results: dict[str, Any], folder: Path) -> list[str]:
     """Every plot whose data is in ``results``; returns the file names."""
     written = []
@@ -104,4 +134,6 @@ def write_all(results: dict[str, Any], folder: Path) -> list[str]:
         written.append(roofline(results["kernel"], folder / "throughput_roofline.png"))
     if "decode" in results:
         written.append(decode_latency(results["decode"], folder / "decode_latency.png"))
+    if "generation" in results:
+        written.append(generation(results["generation"], folder / "generation.png"))
     return [p.name for p in written]

@@ -73,6 +73,22 @@ def evaluate(results: dict[str, Any]) -> list[Target]:
         rows.append(Target("compile forward 1.3B / 165M (scan_blocks)", big["forward_s"] / small["forward_s"], 2.0,
                            False, f"{big['forward_s']:.1f} vs {small['forward_s']:.1f} s (init: {big['init_s']:.1f} "
                                   f"vs {small['init_s']:.1f} s)"))
+    if "generation" in results:
+        g = results["generation"]["ragged_batch"]
+        b, s = g["batched"], g["sequential"]
+        rows.append(Target(f"ragged batch of {b['rows_per_call']} vs {s['calls']} sequential calls, decode tokens/s",
+                           g["ratio"]["decode_tokens_per_s"], 3.0, True,
+                           f"lengths {min(g['prompt_lengths'])}..{max(g['prompt_lengths'])}: {b['decode_tokens_per_s']:.0f}"
+                           f" vs {s['decode_tokens_per_s']:.0f} tok/s ({100 * b['fraction_of_ceiling']:.0f}% and "
+                           f"{100 * s['fraction_of_ceiling']:.0f}% of the bandwidth ceiling); wall incl. prefill "
+                           f"{b['tokens_per_s']:.0f} vs {s['tokens_per_s']:.0f} tok/s"))
+        cli = results["generation"]["cli"]
+        second, off = cli["second_call"], cli["off"]
+        rows.append(Target("zoo generate second call / no cache: prefill + first step",
+                           (second["prefill_ms"] + second["first_step_ms"]) / (off["prefill_ms"] + off["first_step_ms"]),
+                           0.5, False, f"{second['prefill_ms'] + second['first_step_ms']:.0f} vs "
+                           f"{off['prefill_ms'] + off['first_step_ms']:.0f} ms; wall {second['wall_s']:.1f} vs "
+                           f"{off['wall_s']:.1f} s per process"))
     if "export" in results and results["export"]:
         targets = results["export"]["meta"]["targets"]
         for r in results["export"]["results"]:

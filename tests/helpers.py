@@ -4,10 +4,16 @@ import os
 import subprocess
 import sys
 import textwrap
+from functools import partial
 
+import flax.linen as nn
 import jax
 import numpy as np
 
+from zoo.config import LayerConfig
+from zoo.nn.cell import run_cell
+from zoo.nn.factories import gate_bias_init
+from zoo.nn.layers import GateProjection, preamble
 from zoo.registry import hookimpl, resolve
 
 
@@ -90,3 +96,37 @@ class UnitNormPlugin:
     @hookimpl
     def register_norms(self, register):
         register("unitnorm", resolve("norm", "rmsnorm"))
+
+
+def invoke_cli(*args):
+    """The CLI app in this process (typer's CliRunner), its consoles wide enough that one line of output is one line."""
+    from typer.testing import CliRunner
+
+    from zoo import cli
+
+    widths = cli.out.width, cli.err.width
+    cli.out.width = cli.err.width = 1000
+    try:
+        return CliRunner().invoke(cli.app, [str(a) for a in args])
+    finally:
+        cli.out.width, cli.err.width = widths
+
+
+
+class TinyLayer(nn.Module):
+    """A third-party layer written against zoo.nn only: dense q/k/v of the input, the configured cell, and the shared
+    down-projection. It takes no ``lengths`` keyword, like a layer written before ragged batches."""
+
+    config: LayerConfig
+    num_blocks: int = 1
+
+    @nn.compact
+    def __call__(self, x, *, document_borders=None, deterministic=True, mode="forward", state=None):
+        p = preamble(self.config, x)
+        cell = self.config.mlstm_cell
+        q, k, v = (p.dense(p.D, name=f"dense_{n}")(x).reshape(p.B, p.S, p.NH, -1) for n in "qkv")
+        gate = partial(GateProjection, p.NH, False)
+        i = gate(gate_bias_init(cell.igate_bias_init_range), name="igate")((x,))
+        f = gate(gate_bias_init(cell.fgate_bias_init_range), name="fgate")((x,))
+        h, state = run_cell(cell, q, k, v, i, f, document_borders, mode, state)
+        return p.project_down(h.reshape(p.B, p.S, -1), self.num_blocks, deterministic), state

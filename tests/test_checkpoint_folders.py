@@ -117,9 +117,11 @@ def test_build_force_adds_the_step(tmp_path):
     assert loaded_config == zoo.load_config(TINY) and params["lm_head"]["kernel"].shape == (32, 40)
 
 
-# (command, extra arguments, what it expects): every command that loads a checkpoint
+# (command, extra arguments, what it expects): every command that loads a checkpoint (generate and run take an
+# export artifact too)
 COMMANDS = {
-    "generate": (["--prompt-ids", "1"], "expected a zoo checkpoint folder (written by `zoo build` or zoo.save)"),
+    "generate": (["--prompt-ids", "1"], "expected a `zoo export` artifact folder or a zoo checkpoint folder (written "
+                                        "by `zoo build` or zoo.save)"),
     "export": (["--out", "{tmp}/never"], "expected a zoo checkpoint folder (written by `zoo build` or zoo.save)"),
     "run": (["--prompt-ids", "1"], "expected a `zoo export` artifact folder or a zoo checkpoint folder (written by "
                                    "`zoo build` or zoo.save)"),
@@ -149,7 +151,7 @@ def wrong_kind(kind: str, tmp_path: Path, checkpoint: Path) -> tuple[Path, str]:
 
 
 KINDS = ["step folder", "missing", "artifact", "torch", "other folder", "empty"]
-CASES = [(c, k) for c in COMMANDS for k in KINDS if not (c in ("run", "info") and k == "artifact")]
+CASES = [(c, k) for c in COMMANDS for k in KINDS if not (c in ("generate", "run", "info") and k == "artifact")]
 
 
 @pytest.mark.parametrize("command, kind", CASES)

@@ -169,12 +169,12 @@ def test_build_plans_for_a_device_count_that_does_not_fit_and_says_how_to_fit(tm
     (4, "prefill 1 tokens: 100.0 ms; first step (with compile) 20.0 ms; then 400.0 tokens/s"),
 ])
 def test_generate_prints_only_the_timings_it_measured(checkpoint, monkeypatch, new_tokens, timings):
-    def timed(config, params, prompt, max_new_tokens, **_):
+    def timed(runner, prompts, max_new_tokens, **_):
         # 2 steady-state steps (the first token comes from the prefill, the second from the first step) in 5 ms
-        return zoo.inference.Generation(np.zeros((1, max_new_tokens), np.int32), 0.1, 0.02, 0.005,
-                                        np.zeros((1, V), np.float32))
+        return zoo.inference.Generation([[0] * max_new_tokens], ["length"], None, None, None,
+                                        np.zeros((1, V), np.float32), 0.1, 0.02, 0.005, max_new_tokens - 1)
 
-    monkeypatch.setattr(zoo.inference, "generate", timed)
+    monkeypatch.setattr(zoo.inference, "generate_with", timed)
     result = invoke("generate", checkpoint[0], "--prompt-ids", "1", "--max-new-tokens", new_tokens)
     assert result.exit_code == 0, result.stderr
     assert result.stdout.splitlines()[-1] == timings

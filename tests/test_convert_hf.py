@@ -88,3 +88,37 @@ def test_a_tied_hugging_face_head_converts_tied_when_absent_or_equal_and_is_refu
         expected = (np.stack([per_block[(f"blocks_{i}", *path[1:])] for i in range(2)]) if path[0] == "blocks"
                     else per_block[path])
         np.testing.assert_array_equal(np.asarray(value), np.asarray(expected), err_msg=str(path))
+
+
+@pytest.mark.slow
+def test_a_hugging_face_tokenizer_is_copied_with_its_token_settings_and_written_back(tmp_path):
+    import tokenizers
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    from zoo.convert.torch import to_torch
+    from zoo.tokenizers import SETTINGS_FILE, load_codec
+
+    tokenizer = tokenizers.Tokenizer(models.BPE())  # byte-level BPE of 90 tokens (the model has 97)
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train_from_iterator(["the lazy dog sleeps and the quick fox jumps over it " * 40], trainers.BpeTrainer(
+        vocab_size=90, special_tokens=["<s>", "<pad>", "</s>"], show_progress=False))
+    hf_model(seed=2).save_pretrained(tmp_path / "hf")
+    tokenizer.save(str(tmp_path / "hf" / "tokenizer.json"))
+    config_json = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert (config_json["bos_token_id"], config_json["pad_token_id"], config_json["eos_token_id"]) == (0, 1, 2)
+    config_json.update(force_bos_token_insert=True, eos_token_id=[2, 5])  # not what the names alone would give
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config_json))
+
+    from_torch(tmp_path / "hf", tmp_path / "ck")
+    codec = load_codec(tmp_path / "ck")
+    assert codec.to_json() == {"bos_id": 0, "eos_ids": [2, 5], "pad_id": 1, "add_bos": True}
+    assert codec.encode("the quick dog") == [0, *tokenizer.encode("the quick dog").ids]
+
+    to_torch(tmp_path / "ck", tmp_path / "back")
+    assert tokenizers.Tokenizer.from_file(str(tmp_path / "back" / "tokenizer.json")).encode("a fox").ids == \
+        tokenizer.encode("a fox").ids
+    settings = json.loads((tmp_path / "back" / SETTINGS_FILE).read_text())
+    assert {k: settings[k] for k in codec.to_json()} == codec.to_json()
+    from_torch(tmp_path / "back", tmp_path / "again")
+    assert load_codec(tmp_path / "again").to_json() == codec.to_json()

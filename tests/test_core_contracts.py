@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
-from functools import partial
 
 import flax.linen as nn
 import jax
@@ -17,10 +16,10 @@ import numpy as np
 import pytest
 
 import zoo
-from zoo.config import LayerConfig
+from helpers import TinyLayer
 from zoo.nn.cell import run_cell
 from zoo.nn.factories import gate_bias_init
-from zoo.nn.layers import GateProjection, preamble
+from zoo.nn.layers import GateProjection
 from zoo.registry import PluginRegistry, hookimpl
 
 # --- (a) the old paths re-export the core's objects ----------------------------------------------
@@ -68,24 +67,6 @@ def test_headwise_projection_counts_projection_blocks_and_still_builds_positiona
 
 
 # --- (b) a third-party layer written against zoo.nn only ------------------------------------------
-
-class TinyLayer(nn.Module):
-    """Dense q/k/v of the input, the configured cell, and the shared down-projection."""
-
-    config: LayerConfig
-    num_blocks: int = 1
-
-    @nn.compact
-    def __call__(self, x, *, document_borders=None, deterministic=True, mode="forward", state=None):
-        p = preamble(self.config, x)
-        cell = self.config.mlstm_cell
-        q, k, v = (p.dense(p.D, name=f"dense_{n}")(x).reshape(p.B, p.S, p.NH, -1) for n in "qkv")
-        gate = partial(GateProjection, p.NH, False)
-        i = gate(gate_bias_init(cell.igate_bias_init_range), name="igate")((x,))
-        f = gate(gate_bias_init(cell.fgate_bias_init_range), name="fgate")((x,))
-        h, state = run_cell(cell, q, k, v, i, f, document_borders, mode, state)
-        return p.project_down(h.reshape(p.B, p.S, -1), self.num_blocks, deterministic), state
-
 
 def tiny_sizes(cfg):
     return {"qk_dim": cfg.embedding_dim, "v_dim": cfg.embedding_dim,

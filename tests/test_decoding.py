@@ -152,16 +152,17 @@ def test_greedy_generation_matches_rerunning_the_full_forward(model):
 
 
 def test_sampling_is_seeded_and_respects_top_k(model):
-    from zoo.inference import generate, sample
+    from zoo.inference import generate
+    from zoo.inference.sampling import SamplingParams, sample, sampler_state
 
     cfg, params, _ = model
     a = generate(cfg, params, [[1, 2]], 8, temperature=1.0, top_k=3, seed=5).tokens
     b = generate(cfg, params, [[1, 2]], 8, temperature=1.0, top_k=3, seed=5).tokens
     np.testing.assert_array_equal(a, b)
-    logits = jnp.asarray([[0.0, 5.0, 4.0, 3.0, -1.0]])
-    draws = {int(sample(logits, jax.random.PRNGKey(s), jnp.float32(5.0), 2)[0]) for s in range(50)}
-    assert draws == {1, 2}
-    assert int(sample(logits, jax.random.PRNGKey(0), jnp.float32(0.0), 0)[0]) == 1
+    logits = jnp.tile(jnp.asarray([[0.0, 5.0, 4.0, 3.0, -1.0]]), (51, 1))  # 50 seeds, then a greedy row
+    settings = [SamplingParams(temperature=5.0, top_k=2, seed=s) for s in range(50)] + [SamplingParams()]
+    tokens = sample(logits, sampler_state(settings, [[]] * 51, 5))[0].tokens.tolist()
+    assert set(tokens[:50]) == {1, 2} and tokens[50] == 1
 
 
 def test_generate_cli(tmp_path):

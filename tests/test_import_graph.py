@@ -25,10 +25,12 @@ LAYERS: dict[str, int] = {
     "zoo.sharding": 6, "zoo.checkpoint": 6, "zoo.checks": 6, "zoo.runtime": 6, "zoo.distributed": 6,
     "zoo.staging": 6, "zoo.summary": 6,
     "zoo.inference": 7, "zoo.training": 7, "zoo.export": 7, "zoo.convert": 7, "zoo.info": 7, "zoo.testing": 7,
+    "zoo.tokenizers": 7, "zoo.tokenizers.codec": 2,
     "zoo": 8, "zoo.api": 8, "zoo.cli": 8,
 }
 """Module (or package prefix) -> layer. ``zoo.compiled`` only knows configs, so it sits with them: the model
-caches its abstract shapes there."""
+caches its abstract shapes there. ``zoo.tokenizers.codec`` knows no file format, so that checkpoints can store a
+tokenizer that ``zoo.tokenizers`` reads back."""
 
 
 def module_names(root: Path) -> dict[str, Path]:

@@ -23,6 +23,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 import zoo
+from helpers import invoke_cli as invoke
 from helpers import UnitNormPlugin as NormPlugin
 from zoo.checkpoint import CheckpointError
 from zoo.registry import PluginRegistry, hookimpl, resolve, use_registry
@@ -64,17 +65,6 @@ def describe(*args, **kwargs):
     return describe_path(*args, **kwargs)
 
 
-def invoke(*args):
-    from typer.testing import CliRunner
-
-    from zoo import cli
-
-    widths = cli.out.width, cli.err.width
-    cli.out.width = cli.err.width = 1000
-    try:
-        return CliRunner().invoke(cli.app, [str(a) for a in args])
-    finally:
-        cli.out.width, cli.err.width = widths
 
 
 def test_info_on_a_checkpoint_matches_its_files(checkpoint):

@@ -35,7 +35,8 @@ for i, artifact in enumerate(artifacts):
     for key in ("small", "large"):
         tokens = data[key]
         results[f"{i}_forward_{key}"] = forward(tokens=tf.constant(tokens))["logits"].numpy()
-        out = prefill(tokens=tf.constant(tokens[:, :-2]))
+        lengths = np.full(tokens.shape[:1], tokens.shape[1] - 2, np.int32)  # whole rows
+        out = prefill(tokens=tf.constant(tokens[:, :-2]), lengths=tf.constant(lengths))
         results[f"{i}_prefill_{key}"] = out["logits"].numpy()
         for t in (-2, -1):
             out = step(token=tf.constant(tokens[:, t]), **{k: v for k, v in out.items() if k.startswith("state_")})

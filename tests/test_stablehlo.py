@@ -40,12 +40,13 @@ data = dict(np.load(sys.argv[1]))
 for key in ("small", "large"):
     tokens = data[key]
     results[f"forward_{key}"] = np.asarray(forward.call(weights, tokens))
-    logits, state = prefill.call(weights, tokens[:, :-2])
+    whole = np.full(tokens.shape[:1], tokens.shape[1], np.int32)  # every row's length: a rectangular batch
+    logits, state = prefill.call(weights, tokens[:, :-2], whole - 2)
     for t in (-2, -1):
         logits, state = step.call(weights, tokens[:, t], state)
         results[f"step{t}_{key}"] = np.asarray(logits)
     results.update({f"final_{name}_{key}": np.asarray(value) for name, value in state.items()})
-    results[f"prefill_{key}"] = np.asarray(prefill.call(weights, tokens)[0])
+    results[f"prefill_{key}"] = np.asarray(prefill.call(weights, tokens, whole)[0])
 np.savez(sys.argv[2], **results)
 """
 
@@ -159,8 +160,8 @@ def test_manifest_lists_inputs_and_outputs_in_the_exported_order(default_export)
         for row, aval in zip(rows, exported.out_avals):  # the i-th row describes the i-th output
             assert row["shape"] == expected[name][row["name"]], (name, row)
             assert row["shape"] == [str(d) for d in aval.shape] and row["dtype"] == str(aval.dtype), (name, row)
-        given = {"tokens": ["b", "s"], "token": ["b"], **state, **weight_shapes}
-        arguments = ["tokens"] if name != "step" else ["token", *state]
+        given = {"tokens": ["b", "s"], "lengths": ["b"], "token": ["b"], **state, **weight_shapes}
+        arguments = {"forward": ["tokens"], "prefill": ["tokens", "lengths"], "step": ["token", *state]}[name]
         assert [r["name"] for r in entry["inputs"][len(weight_shapes):]] == arguments
         assert len(entry["inputs"]) == len(exported.in_avals) == len(weight_shapes) + len(arguments)
         for row, aval in zip(entry["inputs"], exported.in_avals):

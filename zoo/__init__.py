@@ -24,10 +24,11 @@ from zoo.errors import ZooError
 from zoo.inference import Generation, generate
 from zoo.model import build, param_count, param_shapes
 from zoo.runtime import forward, init_decode_state, init_params, prefill, step
+from zoo.tokenizers import load_tokenizer
 from zoo.version import __version__
 
 init_state = init_decode_state
 
 __all__ = ["Generation", "ModelConfig", "TokenError", "ZooError", "__version__", "build", "forward", "generate",
-           "init_decode_state", "init_params", "init_state", "load", "load_config", "param_count", "param_shapes",
+           "init_decode_state", "init_params", "init_state", "load", "load_config", "load_tokenizer", "param_count", "param_shapes",
            "prefill", "save", "step"]

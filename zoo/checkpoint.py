@@ -1,9 +1,11 @@
-"""Orbax checkpoints holding params, the config JSON and a metadata JSON, one step per save.
+"""Orbax checkpoints holding params, the config JSON, a metadata JSON and optionally a tokenizer, one step per save.
 
 A save never touches earlier steps: Orbax writes each step into a temporary folder and renames
 it when complete, so a save killed midway leaves the last good step loadable; a save that fails
 (a full disk) removes its temporary folder and raises ``CheckpointError``. The metadata records
-SHA-256 hashes of the parameter bytes, of the config and of itself, all checked on every load.
+SHA-256 hashes of the parameter bytes, of the config and of itself, all checked on every load, and of the
+tokenizer (Hugging Face's tokenizer.json, stored as the step's ``tokenizer`` item; its special-token settings are
+in the metadata under ``tokenizer``), checked whenever it is read (``read_tokenizer``).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +39,11 @@ from zoo.config import ModelConfig, check_config
 from zoo.model import param_shapes
 from zoo.version import __version__
 from zoo.errors import ZooError
+
+if TYPE_CHECKING:
+    import tokenizers
+
+    from zoo.tokenizers.codec import Codec
 
 
 class CheckpointError(ZooError, RuntimeError):
@@ -169,7 +176,7 @@ def _manager(root: Path, create: bool = False) -> ocp.CheckpointManager:
         root,
         options=ocp.CheckpointManagerOptions(create=create, max_to_keep=None),
         item_handlers={"params": ocp.StandardCheckpointHandler(), "config": ocp.JsonCheckpointHandler(),
-                       "metadata": ocp.JsonCheckpointHandler()},
+                       "metadata": ocp.JsonCheckpointHandler(), "tokenizer": ocp.JsonCheckpointHandler()},
     )
 
 
@@ -232,24 +239,39 @@ def _check_directory(directory: Any) -> None:
 
 
 def save(directory: str | os.PathLike, config: ModelConfig, params: Any,
-         extra_metadata: dict[str, Any] | None = None, *, force: bool = False) -> Path:
-    """Save ``params`` and ``config`` as a new step under ``directory``; returns the step's folder.
+         extra_metadata: dict[str, Any] | None = None, *, tokenizer: Codec | tokenizers.Tokenizer | None = None,
+         force: bool = False) -> Path:
+    """Save ``params`` and ``config`` (and ``tokenizer``) as a new step under ``directory``; returns the step's folder.
 
     An existing checkpoint folder gets the next step number and keeps its earlier steps. Raises
     ``CheckpointRefused`` for a non-empty folder that is not a checkpoint, and for a checkpoint whose
     latest step holds another parameter tree (other paths, shapes or dtypes; the message names the
     first difference) unless ``force``, which adds the step anyway. ``extra_metadata`` (JSON) is
-    stored with the metadata, e.g. where a converted model came from. Raises ``TypeError`` for a
-    ``config`` that is not a ``ModelConfig``, and ``TypeError``/``ValueError`` naming the first path of
-    ``params`` that does not fit ``config`` (``zoo.checks.check_params``), before anything is written.
+    stored with the metadata, e.g. where a converted model came from. ``tokenizer`` (a
+    ``zoo.tokenizers.Codec``, or a ``tokenizers.Tokenizer`` whose special tokens are then found by name,
+    ``Codec.from_tokenizer``) is stored with the step, its SHA-256 and special-token settings in the
+    metadata; ``zoo.tokenizers.load_codec`` reads it back. Raises ``TypeError`` for a ``config`` that is not a
+    ``ModelConfig`` or a ``tokenizer`` of another type, ``TypeError``/``ValueError`` naming the first path of
+    ``params`` that does not fit ``config`` (``zoo.checks.check_params``), and ``TokenizerError`` for a
+    tokenizer with more tokens than ``config.vocab_size``, before anything is written.
     """
+    from zoo.tokenizers.codec import as_codec, check_fits  # not at the top: zoo.tokenizers imports this module
+
     _check_directory(directory)
     check_params(check_config(config), params)
+    items: dict[str, Any] = {}
+    recorded: dict[str, Any] = {}
+    if tokenizer is not None:
+        codec = as_codec(tokenizer)
+        check_fits(codec.tokenizer, config)
+        stored = json.loads(codec.tokenizer.to_str())
+        items["tokenizer"] = ocp.args.JsonSave(stored)
+        recorded = {"tokenizer": codec.describe(), "tokenizer_sha256": json_hash(stored)}
     root = check_save_target(directory, params, force=force)
     with _manager(root, create=True) as manager:
         latest = manager.latest_step()
         step = 0 if latest is None else latest + 1
-        metadata = {**_metadata(config, params), **(extra_metadata or {})}
+        metadata = {**_metadata(config, params), **recorded, **(extra_metadata or {})}
         metadata["metadata_sha256"] = json_hash(metadata)  # covers every other field
         if jax.process_count() == 1:  # left by an interrupted save (Orbax would remove it too, with a warning)
             shutil.rmtree(root / f"{step}.orbax-checkpoint-tmp", ignore_errors=True)
@@ -259,6 +281,7 @@ def save(directory: str | os.PathLike, config: ModelConfig, params: Any,
                     params=ocp.args.StandardSave(params),
                     config=ocp.args.JsonSave(config.model_dump(mode="json")),
                     metadata=ocp.args.JsonSave(metadata),
+                    **items,
                 ))
                 manager.wait_until_finished()
         except Exception as exc:  # disk full, permissions, I/O errors: the earlier steps are untouched
@@ -486,6 +509,31 @@ def _read_json(root: Path, step: int | None) -> tuple[int, dict[str, Any], dict[
         raise CheckpointError(f"step {step} of {root} is corrupted: its config does not match the config hash "
                               f"recorded when it was saved")
     return step, config, metadata
+
+
+def read_tokenizer(directory: str | os.PathLike, step: int | None = None
+                   ) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """``(tokenizer.json object, recorded settings)`` stored with the given (default: latest) step, or None when the
+    step has no tokenizer. The settings are the metadata's ``tokenizer`` entry (``Codec.describe()``).
+
+    Raises ``CheckpointRefused`` as ``read_stored`` does, and ``CheckpointError`` for a tokenizer that cannot be
+    read or does not match the ``tokenizer_sha256`` recorded when it was saved.
+    """
+    root = _resolve(directory)
+    step, _, metadata = _read_json(root, step)
+    recorded = metadata.get("tokenizer_sha256")
+    if recorded is None:
+        return None
+    root = checkpoint_root(root)
+    with _manager(root) as manager:
+        try:
+            stored = manager.restore(step, args=ocp.args.Composite(tokenizer=ocp.args.JsonRestore()))["tokenizer"]
+        except Exception as exc:  # a missing or unreadable item means the step is damaged
+            raise CheckpointError(f"step {step} of {root}: cannot read its tokenizer ({_short(exc)})") from None
+    if json_hash(stored) != recorded:
+        raise CheckpointError(f"step {step} of {root} is corrupted: its tokenizer does not match the tokenizer "
+                              f"hash recorded when it was saved")
+    return stored, metadata.get("tokenizer", {})
 
 
 def load(directory: str | os.PathLike, step: int | None = None, *, dtype: Any = None,

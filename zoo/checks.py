@@ -118,6 +118,32 @@ def check_tokens(config: ModelConfig, tokens: Any, ndim: int, what: str, *, prom
     return jnp.asarray(tokens, jnp.int32)
 
 
+def check_lengths(lengths: Any, shape: tuple[int, int]) -> jax.Array | None:
+    """``lengths`` of a ragged batch of tokens of ``shape (B, S)`` as an int32 ``(B,)`` array, or None.
+
+    ``TokenError`` naming ``lengths`` unless they are integers of shape ``(B,)`` with ``1 <= lengths[b] <= S``
+    (values are checked whenever they can be read: not for tracers)."""
+    if lengths is None:
+        return None
+    if not isinstance(lengths, jax.Array):
+        try:
+            lengths = np.asarray(lengths)
+        except ValueError as exc:
+            raise TokenError(f"lengths must be a (B,) array of integers ({exc})") from None
+    batch, length = shape
+    if lengths.shape != (batch,):
+        raise TokenError(f"lengths must have shape ({batch},), one length per row of tokens, got {lengths.shape}")
+    if not jnp.issubdtype(lengths.dtype, jnp.integer):
+        raise TokenError(f"lengths must hold integers, got dtype {lengths.dtype}")
+    if not isinstance(lengths, jax.core.Tracer) and getattr(lengths, "is_fully_addressable", True):
+        values = np.asarray(jax.device_get(lengths))
+        bad = np.flatnonzero((values < 1) | (values > length))
+        if bad.size:
+            raise TokenError(f"lengths[{bad[0]}] is {int(values[bad[0]])}; each length must be in [1, {length}]: the "
+                             f"number of real tokens at the start of its row (tokens has {length} columns)")
+    return jnp.asarray(lengths, jnp.int32)
+
+
 def check_borders(document_borders: Any, shape: tuple[int, ...]) -> jax.Array | None:
     """``document_borders`` as a bool array of ``shape`` (the tokens' shape), or None; ``ValueError`` otherwise."""
     if document_borders is None:

@@ -9,6 +9,7 @@ call may pass the JSON itself instead of the config, to serialise it once.
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable, Hashable
 from typing import Any
 
@@ -80,3 +81,28 @@ def commit(tree: Any) -> Any:
     return jax.tree_util.tree_map(
         lambda x: x if not hasattr(x, "dtype") or (isinstance(x, jax.Array) and x.committed)
         else jax.device_put(x, device), tree)
+
+
+CACHE_ENV = "ZOO_COMPILATION_CACHE"
+"""A folder for JAX's persistent compilation cache, or ``0``/``off`` to turn it off (the CLI reads it)."""
+
+
+def enable_persistent_cache() -> str | None:
+    """Turn on JAX's persistent compilation cache, so a later process reuses this one's compiled functions.
+
+    The folder is ``$ZOO_COMPILATION_CACHE``, else ``$XDG_CACHE_HOME/xlstm-zoo/jax`` (default
+    ``~/.cache/xlstm-zoo/jax``); ``ZOO_COMPILATION_CACHE=0`` (or ``off``) turns it off, and a folder already set
+    through JAX's own ``JAX_COMPILATION_CACHE_DIR`` is left as it is. Every compile is cached, however short.
+    Returns the folder in use, or None. The CLI calls this at start; the library does not.
+    """
+    setting = os.environ.get(CACHE_ENV, "").strip()
+    if setting.lower() in {"0", "off", "false", "no"}:
+        return None
+    if jax.config.jax_compilation_cache_dir:
+        return jax.config.jax_compilation_cache_dir
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    folder = setting or os.path.join(base, "xlstm-zoo", "jax")
+    jax.config.update("jax_compilation_cache_dir", folder)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return folder

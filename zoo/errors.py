@@ -13,6 +13,7 @@ class                       where                       built-in base
 ``CheckpointError``         ``zoo.checkpoint``          ``RuntimeError``
 ``ExportError``             ``zoo.export.entries``      ``ValueError``
 ``ConvertError``            ``zoo.convert.torch``       ``ValueError``
+``TokenizerError``          ``zoo.tokenizers``          ``ValueError``
 ``PluginError``             ``zoo.registry``            ``Exception``
 ``UnknownPluginError``      ``zoo.registry``            ``LookupError``
 ``ContractError``           ``zoo.registry.contracts``  ``ValueError``

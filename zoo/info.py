@@ -7,6 +7,7 @@ described from Orbax's stored metadata, others from the config with ``jax.eval_s
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
@@ -154,8 +155,25 @@ def _checkpoint(root: Path, step: int | None) -> dict[str, Any]:
         "hashes": _suffixed(metadata, "_sha256"),
         "disk_bytes": _disk_bytes(root / str(where.step)),
         "problems": [],  # config and metadata hashes were verified by read_stored; arrays are verified by load
+        "tokenizer": {**metadata["tokenizer"], "sha256": metadata.get("tokenizer_sha256")}
+        if isinstance(metadata.get("tokenizer"), dict) else None,
     })
     return info
+
+
+def _artifact_tokenizer(root: Path, problems: list[str]) -> dict[str, Any] | None:
+    """``Codec.describe()`` and ``sha256`` of an artifact's tokenizer files; None (and a problem) when unreadable."""
+    from zoo.checkpoint import json_hash
+    from zoo.tokenizers import TokenizerError, read_folder
+
+    try:
+        codec = read_folder(root)
+    except TokenizerError as exc:
+        problems.append(str(exc))
+        return None
+    if codec is None:
+        return None
+    return {**codec.describe(), "sha256": json_hash(json.loads(codec.tokenizer.to_str()))}
 
 
 def _artifact_problems(root: Path, manifest: dict[str, Any]) -> list[str]:
@@ -185,6 +203,8 @@ def _artifact(root: Path) -> dict[str, Any]:
     config, error = _validated(config_json)
     entries = manifest.get("entries", {})
     info = _base("artifact", root, config_json)
+    problems = _artifact_problems(root, manifest)
+    tokenizer = _artifact_tokenizer(root, problems)
     stored = (manifest.get("weights_file") or {}).get("params")
     if isinstance(stored, list):  # the shared weights file lists each array with its stored dtype
         params = parameters({p["name"]: (tuple(p["shape"]), p["dtype"]) for p in stored}, "stored")
@@ -197,7 +217,8 @@ def _artifact(root: Path) -> dict[str, Any]:
         "versions": _suffixed(manifest, "_version"),
         "hashes": _suffixed(manifest, "_sha256"),
         "disk_bytes": _disk_bytes(root),
-        "problems": _artifact_problems(root, manifest),
+        "problems": problems,
+        "tokenizer": tokenizer,
         "artifact": {
             "format": manifest.get("format"),
             "entries": [e if isinstance(e, str) else e.get("name") for e in entries],
@@ -224,6 +245,7 @@ def _config(source: str, path: Path | None) -> dict[str, Any]:
         "hashes": {"config": json_hash(config_json)},
         "disk_bytes": None,
         "problems": [],
+        "tokenizer": None,
     })
     return info
 
@@ -261,6 +283,8 @@ def rows(info: dict[str, Any]) -> list[tuple[str, str]]:
         out.append(("format", f"{art['format']}, weights {art['weights']}"))
         out.append(("entries", ", ".join(art["entries"])))
         out.append(("platforms", ", ".join(art["platforms"] or [])))
+    if info.get("tokenizer"):
+        out.append(("tokenizer", escape(tokenizer_text(info["tokenizer"]))))
     if info["versions"]:
         out.append(("versions", ", ".join(f"{k} {v}" for k, v in info["versions"].items())))
     for name, digest in info["hashes"].items():
@@ -272,3 +296,17 @@ def rows(info: dict[str, Any]) -> list[tuple[str, str]]:
                               "content sha256"))
     out += [("[yellow]problem[/]", escape(problem)) for problem in info.get("problems", [])]
     return out
+
+
+def tokenizer_text(tokenizer: dict[str, Any]) -> str:
+    """The ``tokenizer`` field of ``describe_path``'s dict in one line."""
+    names = {token_id: name for name, token_id in tokenizer.get("special_tokens", {}).items()}
+
+    def token(token_id: int | None) -> str:
+        return "none" if token_id is None else f"{names.get(token_id, 'id')} {token_id}"
+
+    eos = ", ".join(map(token, tokenizer.get("eos_ids", []))) or "none"
+    return (f"{tokenizer.get('vocab_size')} tokens; bos {token(tokenizer.get('bos_id'))}"
+            f"{' (put before each prompt)' if tokenizer.get('add_bos') else ''}, eos {eos}, pad "
+            f"{token(tokenizer.get('pad_id'))}; special tokens: "
+            f"{', '.join(tokenizer.get('special_tokens', {})) or 'none'}")

@@ -34,14 +34,17 @@ class LMModel(nn.Module):
 
     In ``prefill`` and ``step`` mode it also takes and returns the decoding state: a dict of
     arrays whose leading axis is the block (``c``, ``n``, ``m`` of every cell, plus ``conv`` for
-    ``mlstm``); ``prefill`` starts from zeros when no state is given.
+    ``mlstm``); ``prefill`` starts from zeros when no state is given. ``lengths (B,)`` int32 marks a
+    right-padded ragged batch: row b's real tokens are its first ``lengths[b]``, every later position
+    leaves the state untouched (its logits are finite and meaningless), and the returned state of row b
+    is the one after its last real token.
     """
 
     config: ModelConfig
 
     @nn.compact
     def __call__(self, tokens: jax.Array, document_borders: jax.Array | None = None, deterministic: bool = True,
-                 mode: str = "forward", state: Any = None):
+                 mode: str = "forward", state: Any = None, lengths: jax.Array | None = None):
         cfg = self.config
         S = tokens.shape[-1]
         if cfg.context_length > 0 and isinstance(S, int) and S > cfg.context_length:  # S is symbolic in exports
@@ -60,14 +63,15 @@ class LMModel(nn.Module):
         block_args = (cfg.mlstm_block, cfg.num_blocks, remat, deterministic, mode)
         if cfg.scan_blocks:
             stack = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                            in_axes=(nn.broadcast, 0), length=cfg.num_blocks,
+                            in_axes=(nn.broadcast, 0, nn.broadcast), length=cfg.num_blocks,
                             metadata_params={nn.PARTITION_NAME: "layers"})
-            x, new_state = stack(*block_args, name="blocks")(x, document_borders, state)
+            x, new_state = stack(*block_args, name="blocks")(x, document_borders, state, lengths)
         else:
             states = []
             for idx in range(cfg.num_blocks):
                 block_state = None if state is None else jax.tree_util.tree_map(lambda a: a[idx], state)
-                x, block_state = block_cls(*block_args, name=f"blocks_{idx}")(x, document_borders, block_state)
+                x, block_state = block_cls(*block_args, name=f"blocks_{idx}")(x, document_borders, block_state,
+                                                                              lengths)
                 states.append(block_state)
             new_state = None if mode == "forward" else jax.tree_util.tree_map(lambda *a: jnp.stack(a), *states)
         x = nn.with_logical_constraint(x, RESIDUAL_AXES)

@@ -15,7 +15,7 @@ from jax.sharding import Mesh
 
 from zoo import compiled, sharding
 from zoo.checks import (
-    check_borders, check_int, check_params, check_seed, check_state, check_tokens)
+    check_borders, check_int, check_lengths, check_params, check_seed, check_state, check_tokens)
 from zoo.config import ModelConfig, check_config
 from zoo.model import Params, State, build, decode_state_shapes, init_fn
 
@@ -43,21 +43,23 @@ def init_params(config: ModelConfig, seed: int = 0, mesh: Mesh | None = None) ->
 
 def apply(config: ModelConfig, params: Params, tokens: jax.Array, document_borders: jax.Array | None = None, *,
           mode: str = "forward", state: State | None = None, mesh: Mesh | None = None,
-          dropout_rng: jax.Array | None = None) -> Any:
+          dropout_rng: jax.Array | None = None, lengths: jax.Array | None = None) -> Any:
     """The model's one call, to be traced inside ``jax.jit`` or ``jax.export`` (no input checks here).
 
     ``tokens`` are int32 ``(B, S)``, or ``(B,)`` in ``step`` mode. Returns logits ``(B, S, V)`` float32 in
     ``forward`` mode, ``(logits (B, S, V), state)`` in ``prefill`` and ``(logits (B, V), state)`` in ``step``,
     the contract of ``zoo.forward``, ``zoo.prefill`` and ``zoo.step``. On a ``mesh`` the logical axes are
     mapped onto it and FSDP shards are cast to ``fsdp_gather_dtype``. With ``dropout_rng`` the model runs in
-    training mode (the config's dropout applies); otherwise it is deterministic.
+    training mode (the config's dropout applies); otherwise it is deterministic. ``lengths (B,)`` int32 makes
+    ``tokens`` a right-padded ragged batch (see ``prefill``); None traces exactly the call without it.
     """
     model = build(config)
     train = dropout_rng is not None
     with sharding.logical_context(config, mesh):
         params = sharding.cast_for_gather(config, mesh, params)
         out = model.apply({"params": params}, tokens[:, None] if mode == "step" else tokens, document_borders,
-                          deterministic=not train, mode=mode, state=state, rngs={"dropout": dropout_rng} if train else None)
+                          deterministic=not train, mode=mode, state=state, lengths=lengths,
+                          rngs={"dropout": dropout_rng} if train else None)
     if mode == "step":
         logits, state = out
         return logits[:, 0], state
@@ -65,15 +67,18 @@ def apply(config: ModelConfig, params: Params, tokens: jax.Array, document_borde
 
 
 def _make_apply(config: ModelConfig, mesh: Mesh | None, mode: str):
-    return jax.jit(lambda params, tokens, document_borders, state: apply(
-        config, params, tokens, document_borders, mode=mode, state=state, mesh=mesh))
+    # jit keys its compilations on the arguments' tree structure: lengths=None (no leaves) traces and compiles
+    # exactly the call without lengths, and a ragged batch gets an executable of its own.
+    return jax.jit(lambda params, tokens, document_borders, state, lengths: apply(
+        config, params, tokens, document_borders, mode=mode, state=state, mesh=mesh, lengths=lengths))
 
 
 def _run(config: ModelConfig, key: str, mode: str, params: Params, tokens: jax.Array,
-         document_borders: jax.Array | None, state: Any):
+         document_borders: jax.Array | None, state: Any, lengths: jax.Array | None = None):
     """Run ``mode`` on the mesh the params live on, with the batch split over dp × fsdp (``key``: the config JSON)."""
-    mesh, (tokens, document_borders) = sharding.place_batch(config, params, tokens, document_borders)
-    return compiled.compiled(_make_apply, key, mesh, mode)(params, tokens, document_borders, state)
+    mesh, (tokens, document_borders, lengths) = sharding.place_batch(config, params, tokens, document_borders,
+                                                                     lengths)
+    return compiled.compiled(_make_apply, key, mesh, mode)(params, tokens, document_borders, state, lengths)
 
 
 def forward(config: ModelConfig, params: Params, tokens: Any, document_borders: Any = None) -> jax.Array:
@@ -98,27 +103,37 @@ def forward(config: ModelConfig, params: Params, tokens: Any, document_borders: 
 
 
 def prefill(config: ModelConfig, params: Params, tokens: Any, state: State | None = None,
-            document_borders: Any = None) -> tuple[jax.Array, State]:
+            document_borders: Any = None, lengths: Any = None) -> tuple[jax.Array, State]:
     """Run a prompt ``(B, S)`` through ``mlstm_cell.prefill_backend``; returns logits and the decoding state.
 
     The state is a dict of float32 arrays with the block as leading axis: ``c (NB, B, NH, DQK, DV)``,
     ``n (NB, B, NH, DQK)``, ``m (NB, B, NH)`` and, for ``mlstm``, ``conv (NB, B, K-1, Di)``.
     Pass ``state`` to continue from an earlier prefill or step; it starts from zeros otherwise.
 
+    Ragged batches: with ``lengths``, integers ``(B,)`` with ``1 <= lengths[b] <= S``, ``tokens`` is
+    right-padded: row b's prompt is ``tokens[b, :lengths[b]]``. The returned state of row b is its state
+    after its own last real token, and ``logits[b, lengths[b] - 1]`` its next-token distribution; logits at
+    later positions are finite and meaningless. The padding ids must still be ids in ``[0, vocab_size)``
+    (0 will do). Each row matches its prompt run alone up to float rounding (about 1e-6 relative).
+    ``lengths=None`` runs the rectangular batch exactly as before.
+
     ``context_length`` (when > 0) bounds the prompt: each call takes at most ``context_length`` tokens,
     while decoding with ``step`` (or a further ``prefill`` from the returned state) may continue past it,
     since the state has a fixed size. Raises ``TokenError`` (a ``ValueError``) as ``forward`` does: a
     longer prompt, a bad shape or dtype, or an id outside ``[0, vocab_size)``; ``ValueError`` for a
-    ``state`` whose keys or shapes do not fit the config and batch size.
+    ``state`` whose keys or shapes do not fit the config and batch size; ``TokenError`` naming ``lengths`` for
+    lengths that are not integers of shape ``(B,)`` in ``[1, S]``.
     ``TypeError`` for a ``config`` that is not a ``ModelConfig``; ``TypeError``/``ValueError`` naming the first
     path of ``params`` that does not fit the config (see ``check_params``).
     """
     key = compiled.config_json(check_config(config))  # serialised once per call
     check_params(key, params)
     tokens = check_tokens(config, tokens, 2, "tokens", prompt=True)
+    lengths = check_lengths(lengths, tokens.shape)
     if state is not None:
         check_state(key, state, tokens.shape[0])
-    return _run(config, key, "prefill", params, tokens, check_borders(document_borders, tokens.shape), state)
+    return _run(config, key, "prefill", params, tokens, check_borders(document_borders, tokens.shape), state,
+                lengths)
 
 
 def step(config: ModelConfig, params: Params, token: Any, state: State) -> tuple[jax.Array, State]:

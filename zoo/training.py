@@ -22,7 +22,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from zoo import compiled, sharding
-from zoo.checks import check_tokens
+from zoo.checks import check_lengths, check_tokens
 from zoo.config import ModelConfig
 from zoo.model import Params, param_shapes
 from zoo.runtime import apply
@@ -37,13 +37,20 @@ class TrainState(flax.struct.PyTreeNode):
 
 
 def loss_fn(config: ModelConfig, params: Params, tokens: jax.Array, mesh: Mesh | None = None,
-            dropout_rng: jax.Array | None = None) -> jax.Array:
+            dropout_rng: jax.Array | None = None, lengths: jax.Array | None = None) -> jax.Array:
     """Mean next-token cross-entropy of ``tokens (B, S)``: position t predicts token t+1.
 
-    With ``dropout_rng`` the model runs in training mode (the config's dropout applies).
+    With ``dropout_rng`` the model runs in training mode (the config's dropout applies). With ``lengths``
+    int32 ``(B,)`` the rows are right-padded, as for ``zoo.prefill``: only the targets ``t + 1 < lengths[b]``
+    count, and the loss is their mean (0 when there are none). The model is causal, so the padding never
+    reaches the logits of real positions.
     """
     logits = apply(config, params, tokens[:, :-1], mesh=mesh, dropout_rng=dropout_rng)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
+    if lengths is None:
+        return losses.mean()
+    real = jnp.arange(1, tokens.shape[1]) < lengths[:, None]  # (B, S-1): the target token is a real one
+    return jnp.where(real, losses, 0.0).sum() / jnp.maximum(real.sum(), 1)
 
 
 def decay_mask(config: ModelConfig, params: Params) -> Params:
@@ -84,36 +91,40 @@ def _make_optimizer_init(config: ModelConfig, mesh: Mesh | None, optimizer: opta
     return jax.jit(optimizer.init, out_shardings=out)
 
 
-def _prepare(config: ModelConfig, state: TrainState, tokens: Any) -> tuple[Mesh | None, jax.Array]:
+def _prepare(config: ModelConfig, state: TrainState, tokens: Any, lengths: Any) -> tuple[Mesh | None, tuple]:
     tokens = check_tokens(config, tokens, 2, "tokens", prompt=False)  # ids in the vocabulary, when on the host
-    mesh, (tokens,) = sharding.place_batch(config, state.params, tokens)
-    return mesh, tokens
+    lengths = check_lengths(lengths, tokens.shape)
+    mesh, batch = sharding.place_batch(config, state.params, tokens, lengths)
+    return mesh, tuple(a for a in batch if a is not None)  # (tokens,) or (tokens, lengths)
 
 
 def train_step(config: ModelConfig, optimizer: optax.GradientTransformation, state: TrainState,
-               tokens: Any) -> tuple[TrainState, jax.Array]:
+               tokens: Any, lengths: Any = None) -> tuple[TrainState, jax.Array]:
     """One AdamW update on the next-token loss of ``tokens (B, S)``; returns the new state and the loss.
 
     The state keeps its layout; the input state is donated. Dropout (when configured) draws from a
     key folded with the step number. Host ``tokens`` (lists, NumPy) with an id outside ``[0, vocab_size)``
     raise ``zoo.TokenError``; device arrays are not read back (an out-of-range id gives a NaN loss).
+    ``lengths`` (integers ``(B,)`` in ``[1, S]``, else ``zoo.TokenError``) masks the padding of right-padded
+    rows out of the loss (see ``loss_fn``).
     """
-    mesh, tokens = _prepare(config, state, tokens)
-    return compiled.compiled(_make_step, config, mesh, optimizer)(state, tokens)
+    mesh, batch = _prepare(config, state, tokens, lengths)
+    return compiled.compiled(_make_step, config, mesh, optimizer, len(batch) > 1)(state, *batch)
 
 
 def lower_step(config: ModelConfig, optimizer: optax.GradientTransformation, state: TrainState,
-               tokens: Any) -> jax.stages.Lowered:
+               tokens: Any, lengths: Any = None) -> jax.stages.Lowered:
     """The lowered (not yet compiled) train step, e.g. to read its HLO."""
-    mesh, tokens = _prepare(config, state, tokens)
-    return compiled.compiled(_make_step, config, mesh, optimizer).lower(state, tokens)
+    mesh, batch = _prepare(config, state, tokens, lengths)
+    return compiled.compiled(_make_step, config, mesh, optimizer, len(batch) > 1).lower(state, *batch)
 
 
-def _make_step(config: ModelConfig, mesh: Mesh | None, optimizer: optax.GradientTransformation):
+def _make_step(config: ModelConfig, mesh: Mesh | None, optimizer: optax.GradientTransformation, ragged: bool):
+    """The jitted ``step(state, tokens)``, or ``step(state, tokens, lengths)`` when ``ragged``."""
 
-    def step(state: TrainState, tokens: jax.Array) -> tuple[TrainState, jax.Array]:
+    def step(state: TrainState, tokens: jax.Array, *lengths: jax.Array) -> tuple[TrainState, jax.Array]:
         rng = jax.random.fold_in(jax.random.PRNGKey(0), state.step) if config.dropout > 0 else None
-        loss, grads = jax.value_and_grad(lambda p: loss_fn(config, p, tokens, mesh, rng))(state.params)
+        loss, grads = jax.value_and_grad(lambda p: loss_fn(config, p, tokens, mesh, rng, *lengths))(state.params)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         return TrainState(params=params, opt_state=opt_state, step=state.step + 1), loss
@@ -121,7 +132,8 @@ def _make_step(config: ModelConfig, mesh: Mesh | None, optimizer: optax.Gradient
     if mesh is None:
         return jax.jit(step, donate_argnums=0)
     layout = state_shardings(config, optimizer, mesh)
-    return jax.jit(step, donate_argnums=0, in_shardings=(layout, NamedSharding(mesh, sharding.batch_spec(config))),
+    batch = NamedSharding(mesh, sharding.batch_spec(config))
+    return jax.jit(step, donate_argnums=0, in_shardings=(layout, batch) + ((batch,) if ragged else ()),
                    out_shardings=(layout, NamedSharding(mesh, PartitionSpec())))
 
 

@@ -73,10 +73,12 @@ app.add_typer(convert_app, name="convert")
 
 def main(argv: list[str] | None = None) -> Callable[..., Any] | None:
     """Console-script entry point; joins JAX's distributed runtime when launched as several processes."""
+    from zoo.compiled import enable_persistent_cache
     from zoo.distributed import initialize_from_env
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     initialize_from_env()
+    enable_persistent_cache()
     signal.signal(signal.SIGINT, raise_interrupted)
     try:
         return app(args=argv if argv is not None else sys.argv[1:], prog_name="zoo")

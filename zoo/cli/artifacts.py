@@ -40,29 +40,39 @@ def export_command(
                                                "instead of symbolic ones (for IREE)")] = None,
     step: StepOption = None,
 ) -> None:
-    """Export a saved model as a serving artifact (StableHLO by default, or a TF SavedModel)."""
+    """Export a saved model as a serving artifact (StableHLO by default, or a TF SavedModel).
+
+    The step's tokenizer, when it has one, goes into the artifact as tokenizer.json and zoo_tokenizer.json.
+    """
     from zoo.export.entries import new_directory
     from zoo.registry import resolve
+    from zoo.staging import staged
+    from zoo.tokenizers import load_codec, write_files
 
     static_dims = parse_static(static)
     with bad_input_exits(str(checkpoint)):
         exporter = resolve("exporter", fmt)
     with bad_input_exits(str(out_dir)):
-        new_directory(out_dir)  # before the work of loading the checkpoint
+        out_dir = new_directory(out_dir)  # before the work of loading the checkpoint
     config, params = load_checkpoint(checkpoint, step)
+    with bad_input_exits(str(checkpoint)):
+        codec = load_codec(checkpoint, step)
     options: dict[str, Any] = {"weights": weights} if weights else {}
     if static_dims:
         options["static"] = static_dims
     if mlir:
         options["mlir"] = True
     try:
-        with bad_input_exits(str(out_dir)), out.status(f"exporting {fmt}"):
+        with bad_input_exits(str(out_dir)), out.status(f"exporting {fmt}"), staged(out_dir) as staging:
             start = time.perf_counter()
-            path = exporter(config, params, out_dir, platforms=platforms.split(","), entries=entry.split(","),
-                            **options)
-    except Interrupted:  # the exporters write under a staging name, removed on the way out
+            exporter(config, params, staging, platforms=platforms.split(","), entries=entry.split(","), **options)
+            if codec is not None:  # renamed into place with the rest
+                write_files(codec, staging)
+    except Interrupted:  # written under staging names, removed on the way out
         raise Interrupted(f"nothing was exported; {out_dir} was not created") from None
-    out.print(f"exported {fmt} ({entry}; {platforms}) to {escape(str(path))} in {time.perf_counter() - start:.1f} s")
+    with_tokenizer = " with its tokenizer" if codec is not None else ""
+    out.print(f"exported {fmt} ({entry}; {platforms}){with_tokenizer} to {escape(str(out_dir))} in "
+              f"{time.perf_counter() - start:.1f} s")
 
 
 def convert_torch_command(

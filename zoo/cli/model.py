@@ -63,6 +63,10 @@ def build_command(
                                                 "many devices (default: the devices present)")] = None,
     force: Annotated[bool, typer.Option("--force", help="add a step even when the folder's latest step holds "
                                         "another parameter tree (paths, shapes or dtypes); earlier steps stay")] = False,
+    tokenizer: Annotated[Path | None, typer.Option("--tokenizer", metavar="FILE", help="a Hugging Face "
+                                                   "tokenizer.json to store with the step (at most vocab_size "
+                                                   "tokens); its special tokens are found by name (<s>, </s>, "
+                                                   "<|endoftext|>, <pad>, ...)")] = None,
     sets: SetOption = None,
 ) -> None:
     """Validate CONFIG, resolve its plugins, initialise the model, print a summary and save a checkpoint.
@@ -77,6 +81,7 @@ def build_command(
     from zoo.runtime import init_params
     from zoo.sharding import axis_sizes, make_mesh
     from zoo.summary import sharding_table, summary
+    from zoo.tokenizers import Codec, check_fits, load_file
 
     if devices is not None and not abstract:
         raise typer.BadParameter("--devices plans a layout; it needs --abstract")
@@ -84,6 +89,11 @@ def build_command(
     misfit = layout_misfit(cfg, devices) if not abstract or devices is not None else None
     if misfit:
         fail(f"{config}: {misfit}")
+    codec = None
+    if tokenizer is not None:
+        with bad_input_exits(str(tokenizer)):
+            codec = Codec.from_tokenizer(load_file(tokenizer))
+            check_fits(codec.tokenizer, cfg, f"--tokenizer {tokenizer}")
     target = out_dir or Path("checkpoints") / Path(config).stem
     with bad_input_exits(config):
         shapes = param_shapes(cfg)
@@ -109,13 +119,15 @@ def build_command(
             init_s = time.perf_counter() - start
         with out.status(f"saving to {target}"), bad_input_exits(str(target)):
             start = time.perf_counter()
-            step_dir = save(target, cfg, params, force=force)
+            step_dir = save(target, cfg, params, tokenizer=codec, force=force)
             save_s = time.perf_counter() - start
     except Interrupted:  # Orbax renames a step into place only when complete: the folder says what was kept
         saved = sorted(_steps_in(target) - before)
         raise Interrupted(f"step {saved[-1]} was saved to {target}" if saved else
                           f"nothing was saved; earlier steps in {target} are untouched") from None
-    out.print(f"initialised in {init_s:.2f} s; saved Orbax checkpoint {escape(str(step_dir))} in {save_s:.2f} s")
+    stored = f" with the tokenizer {escape(str(tokenizer))}" if tokenizer is not None else ""
+    out.print(f"initialised in {init_s:.2f} s; saved Orbax checkpoint {escape(str(step_dir))}{stored} in "
+              f"{save_s:.2f} s")
 
 
 def info_command(

@@ -363,6 +363,14 @@ def token_settings(cfg: Mapping[str, Any], vocab_size: int) -> dict[str, Any]:
     return tokens
 
 
+def codec_settings(tokens: Mapping[str, Any]) -> dict[str, Any]:
+    """``token_settings`` as ``zoo.tokenizers.Codec.to_json`` settings (``force_bos_token_insert`` is ``add_bos``)."""
+    eos = tokens.get("eos_token_id")
+    return {"bos_id": tokens.get("bos_token_id"), "pad_id": tokens.get("pad_token_id"),
+            "eos_ids": eos if isinstance(eos, list) else [] if eos is None else [eos],
+            "add_bos": tokens.get("force_bos_token_insert", False)}
+
+
 def zoo_config_neurips(cfg: Mapping[str, Any], dtype: str) -> dict[str, Any]:
     """The zoo config reproducing an ``xLSTMLMModelConfig`` made of mLSTM blocks.
 
@@ -766,14 +774,18 @@ def from_torch(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str | N
     ``scan_blocks`` stacks the blocks' params on a leading axis (default: the stored zoo config's,
     else not). A tied head (``tie_word_embeddings`` / ``tie_weights`` / the stored ``tie_weights``)
     may be absent or equal to the embedding. The source token ids (``TOKEN_FIELDS``) go into the
-    metadata under ``tokens``. ``progress(param, nbytes, total_params, total_bytes)`` is called
-    after each parameter.
+    metadata under ``tokens``. A ``tokenizer.json`` in the folder is stored with the step
+    (``zoo.tokenizers.load_codec`` reads it), its special tokens from ``zoo_tokenizer.json`` (written by
+    ``to_torch``) when there is one, else from the source's token ids (``force_bos_token_insert`` as
+    ``add_bos``), else found by name (``Codec.from_tokenizer``). ``progress(param, nbytes, total_params,
+    total_bytes)`` is called after each parameter.
 
-    Raises ``ConvertError`` (one line naming the folder, file, tensor or config field) before
-    anything is written.
+    Raises ``ConvertError`` (one line naming the folder, file, tensor or config field), or ``TokenizerError`` for
+    a tokenizer that does not load or fit the model, before anything is written.
     """
     from zoo.config_source import load_config
     from zoo.checkpoint import save
+    from zoo.tokenizers import TOKENIZER_FILE, check_fits, read_folder
 
     src_dir = _torch_folder(src)
     out_dir = _new_output(out)
@@ -785,6 +797,9 @@ def from_torch(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str | N
         zoo_dict, tokens = map_config(fmt, torch_config, dtype=dtype or _source_dtype(source),
                                       ffn_dim=0 if fmt == NEURIPS else _ffn_dim(source))
         config = _validated({**zoo_dict, "scan_blocks": False}, torch_config, config_path)
+        codec = read_folder(src_dir, codec_settings(tokens) if tokens else None)
+        if codec is not None:
+            check_fits(codec.tokenizer, config, str(src_dir / TOKENIZER_FILE))
         stored = _stored_zoo_config(src_dir, fmt, config, config_path)
         final = stored.model_dump(mode="json") if stored else zoo_dict
         final |= {"dtype": dtype} if dtype else {}
@@ -815,7 +830,7 @@ def from_torch(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str | N
     if tokens:
         metadata["tokens"] = tokens
     with _staged(out_dir) as staging:
-        save(staging, config, _unflatten(flat), extra_metadata=metadata)
+        save(staging, config, _unflatten(flat), extra_metadata=metadata, tokenizer=codec)
     return ConversionReport(fmt, out_dir, len(shapes), source.nbytes, stored is not None)
 
 
@@ -886,7 +901,8 @@ def torch_tensors(config: ModelConfig, params: Any) -> dict[str, np.ndarray]:
 def to_torch(checkpoint: str | os.PathLike, out: str | os.PathLike, *, step: int | None = None) -> TorchExport:
     """Write step ``step`` (default: the latest) of an ``mlstm_v1`` zoo checkpoint as ``model.safetensors`` +
     ``config.yaml`` in xlstm_large format, loadable by ``xlstm.xlstm_large.from_pretrained.load_from_pretrained``,
-    plus the full zoo config as ``ZOO_CONFIG`` (which ``from_torch`` reads back). Tensors keep the params'
+    plus the full zoo config as ``ZOO_CONFIG`` (which ``from_torch`` reads back), and the step's tokenizer, when
+    it has one, as ``tokenizer.json`` and ``zoo_tokenizer.json`` (its special tokens). Tensors keep the params'
     dtypes.
 
     Raises ``ConvertError`` for a path that is not a zoo checkpoint folder, a step it does not hold,
@@ -896,6 +912,7 @@ def to_torch(checkpoint: str | os.PathLike, out: str | os.PathLike, *, step: int
     from safetensors.numpy import save_file
 
     from zoo.checkpoint import CheckpointRefused, find_step, load, read_stored
+    from zoo.tokenizers import load_codec, write_files
 
     out_dir = _new_output(out)
     try:
@@ -908,6 +925,7 @@ def to_torch(checkpoint: str | os.PathLike, out: str | os.PathLike, *, step: int
         _refuse("mlstm_block.mlstm.layer_type", layer_type,
                 "to-torch writes xlstm_large, which holds mlstm_v1 models only")
     config, params = load(ref.root, step=ref.step)
+    codec = load_codec(ref.root, ref.step)
     torch_config = xlstm_large_config(config)
     tensors = torch_tensors(config, params)
     with _staged(out_dir) as folder:
@@ -915,4 +933,6 @@ def to_torch(checkpoint: str | os.PathLike, out: str | os.PathLike, *, step: int
         save_file(tensors, str(folder / "model.safetensors"))
         (folder / "config.yaml").write_text(yaml.safe_dump(torch_config, sort_keys=False))
         (folder / ZOO_CONFIG).write_text(json.dumps(config.model_dump(mode="json"), indent=1) + "\n")
+        if codec is not None:
+            write_files(codec, folder)
     return TorchExport(out_dir, str(ref), len(tensors), sum(t.nbytes for t in tensors.values()))

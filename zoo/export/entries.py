@@ -78,17 +78,20 @@ def check_request(config: ModelConfig, entries: Sequence[str], platforms: Sequen
 def make_entries(config: ModelConfig, names: Sequence[str], static: tuple[int, int] | None = None) -> list[Entry]:
     """The requested entries, with symbolic batch ``b`` and sequence ``s`` unless ``static=(B, S)``.
 
-    ``forward(params, tokens (B, S))`` returns logits ``(B, S, V)``; ``prefill(params, tokens (B, S))`` logits
-    ``(B, S, V)`` and the state; ``step(params, token (B,), state)`` logits ``(B, V)`` and the new state,
-    the contract of ``zoo.forward``, ``zoo.prefill`` and ``zoo.step``.
+    ``forward(params, tokens (B, S))`` returns logits ``(B, S, V)``; ``prefill(params, tokens (B, S), lengths (B,))``
+    logits ``(B, S, V)`` and the state, for right-padded rows of ``lengths`` real tokens (pass ``S`` for every
+    row of a rectangular batch); ``step(params, token (B,), state)`` logits ``(B, V)`` and the new state, the
+    contract of ``zoo.forward``, ``zoo.prefill(..., lengths=...)`` and ``zoo.step``.
     """
     b, s = batch_and_sequence(static)
     state = abstract_state(config, b)
     tokens = jax.ShapeDtypeStruct((b, s), jnp.int32)
+    lengths = jax.ShapeDtypeStruct((b,), jnp.int32)
 
     every = {
         "forward": Entry("forward", lambda p, t: apply(config, p, t), (tokens,), ("tokens",)),
-        "prefill": Entry("prefill", lambda p, t: apply(config, p, t, mode="prefill"), (tokens,), ("tokens",)),
+        "prefill": Entry("prefill", lambda p, t, n: apply(config, p, t, mode="prefill", lengths=n), (tokens, lengths),
+                         ("tokens", "lengths")),
         "step": Entry("step", lambda p, t, st: apply(config, p, t, mode="step", state=st),
                       (jax.ShapeDtypeStruct((b,), jnp.int32), state), ("token", "state")),
     }

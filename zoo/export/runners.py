@@ -31,9 +31,13 @@ class Artifact:
         """Logits ``(B, S, V)`` for int32 tokens ``(B, S)``."""
         return np.asarray(self._calls["forward"](tokens))
 
-    def prefill(self, tokens: np.ndarray) -> tuple[np.ndarray, Any]:
-        """Logits ``(B, S, V)`` and the state after ``tokens``."""
-        return self._calls["prefill"](tokens)
+    def prefill(self, tokens: np.ndarray, lengths: np.ndarray | None = None) -> tuple[np.ndarray, Any]:
+        """Logits ``(B, S, V)`` and the state after int32 ``tokens (B, S)``.
+
+        With ``lengths`` int32 ``(B,)`` the rows are right-padded: row b's state is the one after its first
+        ``lengths[b]`` tokens, as ``zoo.prefill(..., lengths=...)`` gives it. An artifact exported before
+        prefill took lengths refuses a ragged batch (``ExportError``)."""
+        return self._calls["prefill"](tokens, lengths)
 
     def step(self, token: np.ndarray, state: Any) -> tuple[np.ndarray, Any]:
         """Logits ``(B, V)`` for one more token per sequence, and the new state."""
@@ -47,7 +51,7 @@ def _checkpoint(path: Path, step: int | None) -> Artifact:
     config, params = load(path, step)
     calls = {
         "forward": lambda t: runtime.forward(config, params, t),
-        "prefill": lambda t: _as_numpy(runtime.prefill(config, params, t)),
+        "prefill": lambda t, n: _as_numpy(runtime.prefill(config, params, t, lengths=n)),
         "step": lambda t, s: _as_numpy(runtime.step(config, params, t, s)),
     }
     return Artifact(path, "checkpoint", config.vocab_size, frozenset(calls), context_length=config.context_length,
@@ -56,6 +60,25 @@ def _checkpoint(path: Path, step: int | None) -> Artifact:
 
 def _as_numpy(result: tuple[Any, Any]) -> tuple[np.ndarray, Any]:
     return np.asarray(result[0]), result[1]
+
+
+def _exported_prefill(path: Path, entry: dict[str, Any], call: Any) -> Any:
+    """An exported prefill as ``(tokens, lengths or None) -> (logits, state)``: ``call(tokens, lengths)``, with
+    every row whole when ``lengths`` is None; for an artifact exported before prefill took ``lengths`` (no such
+    input in its manifest), ``call(tokens)`` on rectangular batches only."""
+    ragged = any(row["name"] == "lengths" for row in entry["inputs"])
+
+    def prefill(tokens: np.ndarray, lengths: np.ndarray | None) -> tuple[np.ndarray, Any]:
+        tokens = np.asarray(tokens, np.int32)
+        if ragged:
+            whole = np.full(tokens.shape[:1], tokens.shape[1], np.int32)
+            return _as_numpy(call(tokens, whole if lengths is None else np.asarray(lengths, np.int32)))
+        if lengths is not None and np.any(np.asarray(lengths) != tokens.shape[1]):
+            raise ExportError(f"{path} was exported before prefill took lengths, so it cannot prefill a ragged "
+                              f"batch; export it again")
+        return _as_numpy(call(tokens))
+
+    return prefill
 
 
 def inside(root: Path, name: str) -> Path:
@@ -96,7 +119,8 @@ def _stablehlo(path: Path, manifest: dict[str, Any]) -> Artifact:
     if "forward" in exported:
         calls["forward"] = lambda t: exported["forward"](*first, t)
     if "prefill" in exported:
-        calls["prefill"] = lambda t: _as_numpy(exported["prefill"](*first, t))
+        calls["prefill"] = _exported_prefill(path, manifest["entries"]["prefill"],
+                                             lambda *args: exported["prefill"](*first, *args))
     if "step" in exported:
         calls["step"] = lambda t, s: _as_numpy(exported["step"](*first, t, s))
     static = manifest.get("static_dims")
@@ -159,7 +183,8 @@ def _savedmodel(path: Path, manifest: dict[str, Any]) -> Artifact:
     if "forward" in signatures:
         calls["forward"] = lambda t: signatures["forward"](tokens=tf.constant(t))["logits"].numpy()
     if "prefill" in signatures:
-        calls["prefill"] = lambda t: split(signatures["prefill"](tokens=tf.constant(t)))
+        calls["prefill"] = _exported_prefill(path, manifest["entries"]["prefill"], lambda t, *n: split(
+            signatures["prefill"](tokens=tf.constant(t), **({"lengths": tf.constant(n[0])} if n else {}))))
     if "step" in signatures:
         calls["step"] = lambda t, state: split(signatures["step"](token=tf.constant(t), **state))
     return Artifact(path, "savedmodel", manifest["vocab_size"], frozenset(signatures),
@@ -240,7 +265,7 @@ def greedy(artifact: Artifact, prompt: Sequence[int], max_new_tokens: int) -> tu
                               f"give exactly {length} prompt ids (got {len(prompt)})")
     tokens = np.tile(np.asarray([prompt], np.int32), (batch, 1))
     if stateful:
-        logits, state = artifact.prefill(tokens)
+        logits, state = artifact.prefill(tokens, np.full((batch,), len(prompt), np.int32))
     elif "forward" in artifact.entries:
         logits = artifact.forward(tokens)
     else:

@@ -4,7 +4,7 @@ Signatures (keyword tensors in, a dict of tensors out; ``state_*`` are the decod
 listed in ``manifest.json``)::
 
     serving_default(tokens int32 [B, S])                  -> logits [B, S, V]
-    prefill(tokens int32 [B, S])                          -> logits [B, S, V], state_c, state_n, ...
+    prefill(tokens int32 [B, S], lengths int32 [B])       -> logits [B, S, V], state_c, state_n, ...
     step(token int32 [B], state_c, state_n, ...)          -> logits [B, V], state_c, state_n, ...
 
 The artifact needs only TensorFlow: ``tf.saved_model.load(DIR).signatures["step"](token=..., ...)``.
@@ -61,19 +61,19 @@ def _spec_rows(specs: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _flat_inputs(entry: Any) -> list[tuple[str, Any]]:
     if entry.name != "step":
-        return [("tokens", entry.args[0])]
+        return list(zip(entry.arg_names, entry.args))
     token, state = entry.args
     return [("token", token), *((f"state_{k}", v) for k, v in state.items())]
 
 
-def _serving_fn(converted: Any, module: Any, name: str) -> Any:
+def _serving_fn(converted: Any, module: Any, name: str, arg_names: Sequence[str]) -> Any:
     """Keyword tensors in, a dict of named tensors out: what a SavedModel signature needs."""
     def serve(**inputs: Any) -> dict[str, Any]:
         if name == "step":
             state = {k.removeprefix("state_"): v for k, v in inputs.items() if k.startswith("state_")}
             result = converted(module.params, inputs["token"], state)
         else:
-            result = converted(module.params, inputs["tokens"])
+            result = converted(module.params, *(inputs[arg] for arg in arg_names))
         if name == "forward":
             return {"logits": result}
         logits, state = result
@@ -112,7 +112,7 @@ def export_savedmodel(config: ModelConfig, params: Any, out_dir: str | os.PathLi
         converted = jax2tf.convert(entry.fn, polymorphic_shapes=poly, with_gradient=False,
                                    native_serialization_platforms=tuple(platforms))
         specs = {name: _tensor_spec(tf, aval, name) for name, aval in _flat_inputs(entry)}
-        function = tf.function(_serving_fn(converted, module, entry.name), autograph=False)
+        function = tf.function(_serving_fn(converted, module, entry.name, entry.arg_names), autograph=False)
         concrete = function.get_concrete_function(**specs)
         signatures[SIGNATURE_OF_ENTRY[entry.name]] = concrete
         manifest_signatures[entry.name] = {

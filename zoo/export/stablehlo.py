@@ -9,7 +9,8 @@ weights as its first argument, a flat dict keyed by parameter path, and the arti
         weights = {p["name"]: npz[p["name"]].view(p["dtype"]) for p in manifest["weights_file"]["params"]}
     forward = jax.export.deserialize(open(f"{path}/forward.jax_exported", "rb").read())
     logits = forward.call(weights, tokens)               # int32 (B, S) -> float32 (B, S, V)
-    logits, state = prefill.call(weights, tokens)        # state: dict c, n, m (+ conv)
+    lengths = np.full(len(tokens), tokens.shape[1], np.int32)  # int32 (B,): real tokens of each right-padded row
+    logits, state = prefill.call(weights, tokens, lengths)  # state: dict c, n, m (+ conv)
     logits, state = step.call(weights, token, state)     # token (B,) -> logits (B, V)
 """
 

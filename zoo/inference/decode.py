@@ -10,17 +10,21 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from zoo import compiled, runtime, sharding
-from zoo.config import ModelConfig
-from zoo.inference.sampling import check_sampling, sample
+from zoo.config import ModelConfig, check_config
+from zoo.inference.batch import pad, per_prompt, prompt_lists
+from zoo.inference.sampling import Sampled, SamplerState, SamplingParams, sample, sampler_state
+from zoo.inference.stopping import OnText, RowOutput, stop_lists
 from zoo.model import Params
+from zoo.tokenizers import Codec, as_codec, check_fits
 
 Step = Callable[[Any, Any], tuple[Any, Any]]
 """``step(token, carry) -> (next token, carry)``: one decoding step; ``carry`` is whatever it threads through."""
@@ -36,10 +40,6 @@ class Decoded:
     decode_s: float  # the remaining steps; 0.0 when there are none
 
 
-def _ready(x: Any) -> Any:
-    return jax.block_until_ready(x) if isinstance(x, jax.Array) else x
-
-
 def decode_loop(step: Step, token: Any, carry: Any, max_new_tokens: int,
                 stop: Callable[[list[Any]], bool] | None = None) -> Decoded:
     """Starting from ``token`` (already chosen), call ``step`` until ``max_new_tokens`` tokens are held.
@@ -53,74 +53,211 @@ def decode_loop(step: Step, token: Any, carry: Any, max_new_tokens: int,
         token, carry = step(token, carry)
         tokens.append(token)
         if len(tokens) == 2:
-            _ready(token)
+            jax.block_until_ready(token)
             first_step_s = time.perf_counter() - start
             start = time.perf_counter()
-    _ready(token)
+    jax.block_until_ready(token)
     decode_s = time.perf_counter() - start if len(tokens) > 2 else 0.0
     return Decoded(tokens, carry, first_step_s, decode_s)
 
 
-def _make_step(config: ModelConfig, mesh: Any, top_k: int):
-    """One jitted call per token: the model step, sampling and the key split; the old state's buffers are reused."""
-    @functools.partial(jax.jit, donate_argnums=(2,))
-    def run(params, token, state, key, temperature):
+def _make_step(config: ModelConfig, mesh: Any, num_logprobs: int):
+    """One jitted call per token: the model step and the sampling; the old state's buffers are reused."""
+
+    @functools.partial(jax.jit, donate_argnums=(2, 3))
+    def run(params, token, state, sampler):
         logits, state = runtime.apply(config, params, token, mode="step", state=state, mesh=mesh)
-        key, sub = jax.random.split(key)
-        return sample(logits, sub, temperature, top_k), state, key
+        sampled, sampler = sample(logits, sampler, num_logprobs)
+        return sampled, state, sampler
 
     return run
 
 
-def step_fn(config: ModelConfig, params: Params, top_k: int = 0) -> Callable:
-    """The compiled per-token function ``generate`` uses, for params on their mesh:
-    ``(params, token (B,), state, key, temperature) -> (next token (B,), state, key)``.
+def _make_first(config: ModelConfig, mesh: Any, num_logprobs: int):
+    """The first token of each row, from the prefill logits at its last real position."""
 
-    ``state`` is donated: its buffers are reused for the new state, so pass a state you no longer need."""
-    return compiled.compiled(_make_step, config, sharding.mesh_of(params), top_k)
+    @jax.jit
+    def run(logits, lengths, sampler):
+        last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
+        sampled, sampler = sample(last, sampler, num_logprobs)
+        return last, sampled, sampler
+
+    return run
+
+
+def step_fn(config: ModelConfig, params: Params, num_logprobs: int = 0) -> Callable:
+    """The compiled per-token function ``generate`` uses, for params on their mesh:
+    ``(params, token (B,), state, sampler) -> (Sampled, state, sampler)`` (see ``zoo.inference.sampling``).
+
+    ``state`` and ``sampler`` are donated: their buffers are reused, so pass ones you no longer need."""
+    return compiled.compiled(_make_step, config, sharding.mesh_of(params), num_logprobs)
+
+
+class Runner(Protocol):
+    """What ``generate_with`` decodes with: a model in memory (``ModelRunner``) or an exported artifact
+    (``zoo.export.runners.ArtifactRunner``). ``sampler`` is a ``SamplerState``; both calls may donate it and ``state``."""
+
+    vocab_size: int
+    context_length: int
+
+    def prefill(self, tokens: np.ndarray, lengths: np.ndarray, sampler: SamplerState,
+                num_logprobs: int) -> tuple[Any, Sampled, Any, SamplerState]:
+        """``tokens (B, S)`` right-padded, ``lengths (B,)`` -> (next-token logits ``(B, V)`` after each prompt, the
+        first drawn tokens, the decoding state, the sampler)."""
+
+    def step(self, token: Any, state: Any, sampler: SamplerState, num_logprobs: int) -> tuple[Sampled, Any, SamplerState]:
+        """One decoding step for ``token (B,)``: the drawn tokens, the new state and sampler."""
+
+
+class ModelRunner:
+    """``Runner`` of a model in memory: ``zoo.prefill`` with lengths, then the compiled step fused with sampling."""
+
+    def __init__(self, config: ModelConfig, params: Params):
+        self.config, self.params = config, params
+        self.vocab_size, self.context_length = config.vocab_size, config.context_length
+        self.mesh = sharding.mesh_of(params)
+
+    def prefill(self, tokens: np.ndarray, lengths: np.ndarray, sampler: SamplerState,
+                num_logprobs: int) -> tuple[Any, Sampled, Any, SamplerState]:
+        logits, state = runtime.prefill(self.config, self.params, tokens, lengths=lengths)
+        last, first, sampler = compiled.compiled(_make_first, self.config, self.mesh, num_logprobs)(
+            logits, lengths, sampler)
+        return last, first, state, sampler
+
+    def step(self, token: Any, state: Any, sampler: SamplerState, num_logprobs: int) -> tuple[Sampled, Any, SamplerState]:
+        return step_fn(self.config, self.params, num_logprobs)(self.params, token, state, sampler)
 
 
 @dataclass
 class Generation:
-    """Generated ids, the logits they started from, and timings."""
+    """What ``generate`` returns: each prompt's new tokens and why it stopped, its text, and timings."""
 
-    tokens: jax.Array  # (B, max_new_tokens) int32
-    prefill_s: float
-    first_step_s: float  # includes compiling the step function
+    tokens: list[list[int]]  # each prompt's new ids, EOS and stop sequences excluded
+    finish_reasons: list[str]  # "stop" (EOS or a stop sequence) or "length" (max_new_tokens reached)
+    text: list[str] | None  # each prompt's new text, with a tokenizer
+    logprobs: list[list[float]] | None  # log-probability of each new token under the model, when asked for
+    top_logprobs: list[list[dict[int, float]]] | None  # the most likely alternatives at each new token, when asked for
+    prompt_logits: jax.Array  # (B, vocab_size) float32: the next-token logits after each prompt
+    prefill_s: float  # prefill and the first token, compile included when it compiled
+    first_step_s: float  # the first decoding step, compile included when it compiled
     decode_s: float  # the remaining steps
-    prompt_logits: jax.Array  # (B, vocab_size) float32: the next-token logits after the prompt
+    steps: int  # decoding steps run after the prefill (the batch runs until every row is done)
 
     @property
     def tokens_per_s(self) -> float:
-        """Steady-state decoding rate (tokens per second per batch), compile excluded."""
-        steps = self.tokens.shape[1] - 2
-        return self.tokens.shape[0] * steps / self.decode_s if steps > 0 and self.decode_s > 0 else float("nan")
+        """Steady-state decoding rate over the batch (rows × steps per second), the first step excluded."""
+        steps = self.steps - 1
+        return len(self.tokens) * steps / self.decode_s if steps > 0 and self.decode_s > 0 else float("nan")
 
 
-def generate(config: ModelConfig, params: Params, prompt: Any, max_new_tokens: int, *,
-             temperature: float = 0.0, top_k: int = 0, seed: int = 0) -> Generation:
-    """Continue the integer ``prompt (B, S)`` by ``max_new_tokens`` tokens (``Generation.tokens (B, max_new_tokens)``).
+def _sampling_params(count: int, sampling: Any, **settings: Any) -> list[SamplingParams]:
+    if sampling is not None:
+        return per_prompt(sampling, count, "sampling")
+    rows = {name: per_prompt(value, count, name) for name, value in settings.items()}
+    return [SamplingParams(**{name: values[b] for name, values in rows.items()}) for b in range(count)]
 
-    ``context_length`` bounds the prompt only; the continuation may run past it. The prompt is checked
-    as ``zoo.prefill`` checks it; the tokens fed back while decoding are the model's own and are not read
-    back (no device-to-host sync per token). Raises ``TokenError`` (a ``ValueError``) for a bad prompt,
-    and ``ValueError`` unless ``max_new_tokens >= 1``, ``temperature`` is finite and >= 0 (0 is greedy),
-    ``top_k >= 0`` (0: all tokens) and ``seed`` is in ``[0, 2**32)``.
+
+def _check_budgets(max_new_tokens: Any, count: int) -> list[int]:
+    budgets = per_prompt(max_new_tokens, count, "max_new_tokens")
+    for n in budgets:
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1 (per prompt or for all), got {n!r}")
+    return [int(n) for n in budgets]
+
+
+def generate(config: ModelConfig, params: Params, prompts: Any, max_new_tokens: int | Sequence[int] = 16, *,
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
+             repetition_penalty: float = 1.0, seed: int | Sequence[int] = 0, logprobs: int | None = None,
+             sampling: SamplingParams | Sequence[SamplingParams] | None = None,
+             stop: str | Sequence[str | Sequence[int]] | None = None, eos_ids: Sequence[int] | None = None,
+             tokenizer: Any = None, on_text: OnText | None = None) -> Generation:
+    """Continue each prompt by up to ``max_new_tokens`` tokens: one ragged prefill, then one compiled step per token.
+
+    ``prompts``: token-id lists of any lengths, a rectangular int array ``(B, S)``, or strings with a
+    ``tokenizer`` (a ``zoo.tokenizers.Codec`` or a ``tokenizers.Tokenizer``). Each prompt is prefilled
+    exactly as if alone (``zoo.prefill`` with ``lengths``) and then decoded in lockstep with the others.
+    ``max_new_tokens`` and the sampling settings (``temperature`` ... ``seed``; see ``SamplingParams``) are
+    one value for all prompts or one per prompt; ``sampling`` gives whole ``SamplingParams`` instead. A row
+    stops at an EOS id (``eos_ids``, default: the tokenizer's), at a ``stop`` sequence (strings need a
+    tokenizer; token-id lists do not) or after its ``max_new_tokens``; the batch runs until every row stops.
+    EOS and stop sequences are not part of the output. ``on_text(row, piece)`` receives each row's text as it
+    is generated (needs a tokenizer); pieces never split a UTF-8 character or a stop sequence.
+
+    The tokens are read back to the host after every step only when something needs them (EOS ids, stop
+    sequences, ``on_text``); otherwise once at the end. Raises ``TokenError`` for a bad prompt (as
+    ``zoo.prefill``), ``ValueError`` naming a bad setting, ``TokenizerError`` for a tokenizer that does
+    not fit the model.
     """
-    check_sampling(max_new_tokens, temperature, top_k, seed)
-    key = jax.random.PRNGKey(seed)
-    temperature = jnp.float32(temperature)
+    return generate_with(ModelRunner(check_config(config), params), prompts, max_new_tokens, temperature=temperature,
+                         top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
+                         logprobs=logprobs, sampling=sampling, stop=stop, eos_ids=eos_ids, tokenizer=tokenizer,
+                         on_text=on_text)
+
+
+def generate_with(runner: Runner, prompts: Any, max_new_tokens: int | Sequence[int] = 16, *,
+                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
+                  repetition_penalty: float = 1.0, seed: int | Sequence[int] = 0, logprobs: int | None = None,
+                  sampling: SamplingParams | Sequence[SamplingParams] | None = None,
+                  stop: str | Sequence[str | Sequence[int]] | None = None, eos_ids: Sequence[int] | None = None,
+                  tokenizer: Any = None, on_text: OnText | None = None) -> Generation:
+    """``generate`` on any ``Runner`` (a model in memory or an exported artifact); the arguments are ``generate``'s."""
+    codec = _fitting_codec(tokenizer, runner.vocab_size)
+    ids = prompt_lists(prompts, codec, runner.vocab_size)
+    budgets = _check_budgets(max_new_tokens, len(ids))
+    settings = _sampling_params(len(ids), sampling, temperature=temperature, top_k=top_k, top_p=top_p,
+                                min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, logprobs=logprobs)
+    stop_ids, stop_texts = stop_lists(stop)
+    if (stop_texts or on_text is not None) and codec is None:
+        raise ValueError("text stop sequences and on_text need a tokenizer (pass tokenizer=)")
+    eos = frozenset(codec.eos_ids if eos_ids is None and codec is not None else (eos_ids or ()))
+    rows = [RowOutput(b, budgets[b], eos, stop_ids, stop_texts, codec, on_text) for b in range(len(ids))]
+    num_logprobs = max((s.logprobs or 0 for s in settings), default=0)
+
     start = time.perf_counter()
-    logits, state = runtime.prefill(config, params, prompt)
-    logits = logits[:, -1]
-    key, sub = jax.random.split(key)
-    token = jax.block_until_ready(sample(logits, sub, temperature, top_k))
+    tokens, lengths = pad(ids, runner.context_length)
+    sampler = sampler_state(settings, ids, runner.vocab_size)
+    prompt_logits, first, state, sampler = runner.prefill(tokens, lengths, sampler, num_logprobs)
+    jax.block_until_ready(first)
     prefill_s = time.perf_counter() - start
-    fused = step_fn(config, params, top_k)
+    follow = bool(eos or stop_ids or stop_texts or on_text is not None)
 
-    def step(token: jax.Array, carry: tuple[Any, jax.Array]) -> tuple[jax.Array, tuple[Any, jax.Array]]:
-        token, state, key = fused(params, token, *carry, temperature)
-        return token, (state, key)
+    def step(sampled: Sampled, carry: tuple[Any, SamplerState]) -> tuple[Sampled, tuple[Any, SamplerState]]:
+        sampled, state, sampler = runner.step(sampled.tokens, *carry, num_logprobs)
+        return sampled, (state, sampler)
 
-    out = decode_loop(step, token, (state, key), max_new_tokens)
-    return Generation(jnp.stack(out.tokens, axis=1), prefill_s, out.first_step_s, out.decode_s, logits)
+    def finished(drawn: list[Sampled]) -> bool:
+        if follow:
+            for row, token in zip(rows, np.asarray(drawn[-1].tokens).tolist()):
+                row.add(token)
+        return all(row.done for row in rows) if follow else False
+
+    out = decode_loop(step, first, (state, sampler), max(budgets), stop=finished)
+    want_logprobs = any(s.logprobs is not None for s in settings)
+    fields = ("tokens",) + ("logprob",) * want_logprobs + ("top_ids", "top_logprobs") * bool(num_logprobs)
+    stacked = {f: np.asarray(jnp.stack([getattr(d, f) for d in out.tokens])) for f in fields}  # one read of each
+    if not follow:
+        for tokens in stacked["tokens"].tolist():
+            for row, token in zip(rows, tokens):
+                row.add(token)
+    elif not all(row.done for row in rows):  # the loop ended on length: its last tokens were not looked at yet
+        for row, token in zip(rows, stacked["tokens"][-1].tolist()):
+            row.add(token)
+    return Generation(
+        tokens=[row.tokens for row in rows], finish_reasons=[row.finish_reason or "length" for row in rows],
+        text=[row.text for row in rows] if codec is not None else None,
+        logprobs=[stacked["logprob"][:len(row.tokens), b].tolist() for b, row in enumerate(rows)]
+        if want_logprobs else None,
+        top_logprobs=[[dict(zip(ids, lps)) for ids, lps in zip(stacked["top_ids"][:len(row.tokens), b].tolist(),
+                                                                stacked["top_logprobs"][:len(row.tokens), b].tolist())]
+                      for b, row in enumerate(rows)] if num_logprobs else None,
+        prompt_logits=prompt_logits, prefill_s=prefill_s, first_step_s=out.first_step_s, decode_s=out.decode_s,
+        steps=len(out.tokens) - 1)
+
+
+def _fitting_codec(tokenizer: Any, vocab_size: int) -> Codec | None:
+    """``tokenizer`` (a ``Codec``, a ``tokenizers.Tokenizer`` or None) as a Codec that fits a model of ``vocab_size``."""
+    if tokenizer is None:
+        return None
+    codec = as_codec(tokenizer)
+    check_fits(codec.tokenizer, vocab_size)
+    return codec

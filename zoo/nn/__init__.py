@@ -3,8 +3,8 @@
 ========================  ==================================================================================
 module                    what a plugin author imports from it
 ========================  ==================================================================================
-``zoo.nn.cell``           the cell contract (its docstring), ``run_cell``, ``CellError``, ``CHECK_CELL_SHAPES``;
-                          for cell authors ``States``, ``initial_states``, ``log_forget_matrix``
+``zoo.nn.cell``           the cell contract (its docstring), ``run_cell``, ``mask_padding``, ``CellError``,
+                          ``CHECK_CELL_SHAPES``; for cell authors ``States``, ``initial_states``, ``log_forget_matrix``
 ``zoo.nn.layers``         the layer preamble ``preamble(cfg, x) -> LayerPreamble`` (``.dense``,
                           ``.project_down``), ``LinearHeadwiseExpand``, ``CausalConv1d``, ``GateProjection``,
                           ``is_integer``

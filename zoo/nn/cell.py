@@ -47,8 +47,11 @@ Registration metadata (``register(name, cell, **metadata)``; checked by ``zoo.re
 - ``description`` (optional, any kind): one line shown by ``zoo plugins``.
 
 :func:`run_cell` is how a layer calls the configured cell: it applies the gate soft-cap and the
-document reset, transposes to the contract's heads-first layout and back, and checks the output
-shapes, raising :class:`CellError` naming the plugin when a cell raises or breaks the contract.
+document reset, masks the padding of a ragged batch (:func:`mask_padding`: at each padded step
+``i = -1e30`` and ``f = +1e30``, which a cell following the formulas above turns into exactly no input
+and no forgetting, so its states pass through unchanged and ``h`` stays finite), transposes to the
+contract's heads-first layout and back, and checks the output shapes, raising :class:`CellError`
+naming the plugin when a cell raises or breaks the contract.
 The state helpers below (:func:`initial_states`, :func:`log_forget_matrix`) are for cell authors.
 """
 
@@ -76,19 +79,24 @@ class CellError(ZooError, RuntimeError):
 
 def run_cell(cell: CellConfig, q: jax.Array, k: jax.Array, v: jax.Array, i: jax.Array, f: jax.Array,
              document_borders: jax.Array | None, mode: str = "forward",
-             state: dict[str, jax.Array] | None = None) -> tuple[jax.Array, dict[str, jax.Array] | None]:
-    """Soft-cap the gates, apply the document reset, and run the backend configured for ``mode``.
+             state: dict[str, jax.Array] | None = None,
+             lengths: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array] | None]:
+    """Soft-cap the gates, apply the document reset, mask padding, and run the backend configured for ``mode``.
 
     ``q, k (B, S, NH, DQK)``, ``v (B, S, NH, DV)``, ``i, f (B, S, NH)`` -> ``h (B, S, NH, DV)`` and,
     except in ``forward`` mode, the new ``{"c", "n", "m"}`` state (zeros when ``state`` is None).
-    ``document_borders (B, S)`` bool marks the first token of each document. Raises
-    :class:`CellError` when the backend raises or returns the wrong shapes.
+    ``document_borders (B, S)`` bool marks the first token of each document. ``lengths (B,)`` int32
+    (a ragged batch, right-padded) makes every step ``t >= lengths[b]`` a no-op of the state: see
+    :func:`mask_padding`; ``h`` there is finite and meaningless. Raises :class:`CellError` when the
+    backend raises or returns the wrong shapes.
     """
     if cell.gate_soft_cap is not None:
         cap = cell.gate_soft_cap
         i, f = cap * jnp.tanh(i / cap), cap * jnp.tanh(f / cap)
     if cell.reset_at_document_boundaries and document_borders is not None:
         f = jnp.where(document_borders[..., None], jnp.asarray(cell.reset_fgate_value, f.dtype), f)
+    if lengths is not None:
+        i, f = mask_padding(i, f, lengths)
     backend = {"forward": cell.backend, "prefill": cell.prefill_backend, "step": cell.step_backend}[mode]
     fn = resolve("cell", backend.name)
     q, k, v, i, f = (jnp.swapaxes(a, 1, 2) for a in (q, k, v, i, f))  # to the cell's heads-first layout
@@ -113,6 +121,20 @@ def run_cell(cell: CellConfig, q: jax.Array, k: jax.Array, v: jax.Array, i: jax.
                             + " (the cell contract is in zoo.nn.cell; ZOO_CHECK_CELL_SHAPES=0 skips this check)")
     h = jnp.swapaxes(out.pop("h"), 1, 2)
     return h, (out or None)
+
+
+def mask_padding(i: jax.Array, f: jax.Array, lengths: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Gate pre-activations ``i, f (B, S, NH)`` with every step ``t >= lengths[b]`` made a no-op of the state.
+
+    There ``i`` becomes a large finite negative and ``f`` a large finite positive (±1e30, or the dtype's
+    largest value when smaller), so that ``exp(i - m) = 0`` and ``log σ(f) = 0`` exactly in float32: no input,
+    no forgetting, ``m`` unchanged. Finite rather than ±inf, because a step or chunk made only of padding
+    would otherwise form ``-inf - (-inf)`` in a log-sum-exp (NaN). Applied after the soft cap, which would
+    turn ``-inf`` into ``-cap``, and after the document reset, which must not act on padding.
+    """
+    valid = (jnp.arange(i.shape[1]) < lengths[:, None])[..., None]  # (B, S, 1)
+    big = min(1e30, float(jnp.finfo(i.dtype).max))  # i and f share the gate dtype
+    return jnp.where(valid, i, jnp.asarray(-big, i.dtype)), jnp.where(valid, f, jnp.asarray(big, f.dtype))
 
 
 def _origin(name: str) -> str:

@@ -3,8 +3,10 @@
 A layer plugin (registered through ``register_layers``) is a flax module with fields ``config``
 (a ``LayerConfig``) and ``num_blocks`` (the number of residual blocks, which scales the output
 init), called as ``layer(x, document_borders=None, deterministic=True, mode="forward", state=None)``
-on ``x (B, S, D)`` and returning ``(y (B, S, D), state)``. Inside its compact ``__call__`` it starts
-with :func:`preamble` and ends with :meth:`LayerPreamble.project_down`::
+on ``x (B, S, D)`` and returning ``(y (B, S, D), state)``; for a ragged batch also with ``lengths (B,)``
+int32, to pass on to ``run_cell`` and any ``CausalConv1d`` (see the layer hook in ``zoo.registry.kinds``).
+Inside its compact ``__call__`` it starts with :func:`preamble` and ends with
+:meth:`LayerPreamble.project_down`::
 
     p = preamble(self.config, x)                       # sizes, dtype, the column-parallel dense
     h = p.dense(width, name="proj_up")(x)              # (B, S, width), kernel axes ("embed", "inner")
@@ -104,14 +106,17 @@ class CausalConv1d(nn.Module):
 
     ``x (B, S, C) -> (y (B, S, C), state (B, K-1, C))``. The state holds the last K-1 inputs
     (float32) and stands in for the left padding, zeros when not given; kernel ``(K, 1, C)`` and
-    bias ``(C,)``, both U(±1/√K).
+    bias ``(C,)``, both U(±1/√K). With ``lengths (B,)`` int32 (a right-padded ragged batch) the state of
+    row b holds the K-1 inputs before position ``lengths[b]`` instead (the given state where the row is
+    shorter than K-1); ``y`` is causal, so padding never reaches the outputs of real positions.
     """
 
     kernel_size: int
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, state: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    def __call__(self, x: jax.Array, state: jax.Array | None = None,
+                 lengths: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
         K, C = self.kernel_size, x.shape[-1]
         bound = 1.0 / math.sqrt(K)
         init = nn.initializers.uniform(2 * bound)
@@ -127,7 +132,10 @@ class CausalConv1d(nn.Module):
         xp = jnp.concatenate([state.astype(self.dtype), x.astype(self.dtype)], axis=1)
         S = x.shape[1]
         y = bias + sum(kernel[j, 0] * xp[:, j:j + S] for j in range(K))
-        return y, xp[:, xp.shape[1] - (K - 1):].astype(jnp.float32)
+        if lengths is None:
+            return y, xp[:, xp.shape[1] - (K - 1):].astype(jnp.float32)
+        last = lengths[:, None] + jnp.arange(K - 1)  # x[lengths-K+1 : lengths] is xp[lengths : lengths+K-1]
+        return y, jnp.take_along_axis(xp, last[..., None], axis=1).astype(jnp.float32)
 
 
 class GateProjection(nn.Module):

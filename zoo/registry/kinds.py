@@ -59,7 +59,11 @@ TABLE: dict[str, Kind] = {kind.name: kind for kind in (
 
         Called as ``layer(x, document_borders=None, deterministic=True, mode="forward", state=None)``
         on ``x (B, S, D)``; returns ``(y (B, S, D), state)``, where ``mode`` is ``forward`` (no state),
-        ``prefill`` or ``step`` (a dict of float32 arrays in and out). ``zoo.nn.layers`` and
+        ``prefill`` or ``step`` (a dict of float32 arrays in and out). For a right-padded ragged batch
+        the block also passes ``lengths=`` int32 ``(B,)`` (only then; a layer without the keyword is
+        refused then, and works for everything else): steps ``t >= lengths[b]`` must leave row b's state
+        untouched, which ``run_cell(..., lengths)`` and ``CausalConv1d(...)(x, state, lengths)`` do for the
+        parts they run; the outputs there are ignored but must be finite. ``zoo.nn.layers`` and
         ``zoo.nn.cell`` hold the parts a layer builds on. ``derived_sizes(cfg) -> dict`` gives the
         layer's derived widths, ``check_config(cfg) -> [(field, message)]`` its size errors, and
         ``unused_fields`` the dotted config fields it ignores (a config that sets one is refused).""",

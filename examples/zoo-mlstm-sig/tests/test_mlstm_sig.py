@@ -11,6 +11,7 @@ import pytest
 
 import zoo
 from zoo.checkpoint import read_metadata
+from zoo.nn.cell import run_cell
 from zoo.testing import assert_cell_matches_reference, isolated_registry, random_cell_inputs, random_states
 
 DIST = "zoo-mlstm-sig"
@@ -69,6 +70,24 @@ def test_cells_match_a_float64_numpy_recurrence(name, S):
     expected, c, n = numpy_sig(q, k, v, i, f, *initial)
     h, (c_out, n_out, _) = run(q, k, v, i, f, *initial)
     assert rel(h, expected) < 1e-5 and rel(c_out, c) < 1e-5 and rel(n_out, n) < 1e-5
+
+
+@pytest.mark.parametrize("name, kwargs", [("chunkwise_sig", {"chunk_size": 4}), ("recurrent_sig", {})])
+def test_cells_keep_the_state_through_the_padding_of_a_ragged_batch(name, kwargs):
+    """zoo.nn.cell.run_cell masks padded steps with i = -1e30 and f = +1e30: σ gates of exactly 0 and 1 here,
+    so each row ends in the state of its prompt alone (the float64 recurrence on the unpadded row)."""
+    lengths = np.array([3, 9, 17, 24], np.int32)  # with chunks of 4, row 0 ends on five chunks of padding only
+    q, k, v, i, f = random_cell_inputs(4, 4, 2, 24, 8, 12)
+    cell = zoo.load_config(SIG_CONFIG).mlstm_block.mlstm.mlstm_cell
+    cell = cell.model_copy(update={"prefill_backend": cell.prefill_backend.model_copy(
+        update={"name": name, "kwargs": kwargs})})
+    seq_first = [jnp.swapaxes(x, 1, 2) for x in (q, k, v, i, f)]  # run_cell takes (B, S, NH, ...)
+    h, state = jax.jit(lambda *a: run_cell(cell, *a, None, "prefill", None, jnp.asarray(lengths)))(*seq_first)
+    assert np.isfinite(np.asarray(h)).all()
+    for b, n in enumerate(lengths):
+        expected, c, n_state = numpy_sig(*(x[b:b + 1, :, :n] for x in (q, k, v, i, f)))
+        assert rel(jnp.swapaxes(h[b:b + 1, :n], 1, 2), expected) < 1e-5
+        assert rel(state["c"][b:b + 1], c) < 1e-5 and rel(state["n"][b:b + 1], n_state) < 1e-5
 
 
 def test_sig_differs_from_the_exponential_gate_mlstm():

@@ -66,13 +66,13 @@ class MLSTMCell(nn.Module):
     config: LayerConfig
 
     @nn.compact
-    def __call__(self, q, k, v, gate_inputs, document_borders, mode, state):
+    def __call__(self, q, k, v, gate_inputs, document_borders, mode, state, lengths=None):
         cell = self.config.mlstm_cell
         gate = partial(GateProjection, self.config.num_heads, cell.gate_linear_headwise,
                        dtype=jnp.dtype(cell.gate_dtype))
         i = gate(gate_bias_init(cell.igate_bias_init_range), name="igate")(gate_inputs)
         f = gate(gate_bias_init(cell.fgate_bias_init_range), name="fgate")(gate_inputs)
-        h, state = run_cell(cell, q, k, v, i, f, document_borders, mode, state)
+        h, state = run_cell(cell, q, k, v, i, f, document_borders, mode, state, lengths)
         return make_norm(cell.norm_type, cell.norm_eps, jnp.dtype(self.config.dtype), 2, name="outnorm")(h), state
 
 
@@ -80,7 +80,8 @@ class MLSTMLayer(nn.Module):
     """``x (B, S, D) -> (y (B, S, D), state)``; the input is already normed by the block.
 
     ``mode`` is ``forward`` (state is None in and out), ``prefill`` or ``step``; the state is the
-    cell's ``c, n, m`` plus ``conv``, the last ``conv1d_kernel_size - 1`` conv inputs.
+    cell's ``c, n, m`` plus ``conv``, the last ``conv1d_kernel_size - 1`` conv inputs. With ``lengths (B,)``
+    int32 (right-padded rows) each row's state is the one after its last real position.
     """
 
     config: LayerConfig
@@ -88,7 +89,8 @@ class MLSTMLayer(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, *, document_borders: jax.Array | None = None, deterministic: bool = True,
-                 mode: str = "forward", state: dict[str, jax.Array] | None = None):
+                 mode: str = "forward", state: dict[str, jax.Array] | None = None,
+                 lengths: jax.Array | None = None):
         cfg = self.config
         sizes = derived_sizes(cfg)
         p = preamble(cfg, x)
@@ -101,7 +103,8 @@ class MLSTMLayer(nn.Module):
         else:
             K = cfg.conv1d_kernel_size
             if K > 0:
-                x_c, conv_state = CausalConv1d(K, dtype, name="conv1d")(x_m, None if state is None else state["conv"])
+                x_c, conv_state = CausalConv1d(K, dtype, name="conv1d")(
+                    x_m, None if state is None else state["conv"], lengths)
             else:
                 x_c, conv_state = x_m, jnp.zeros((B, 0, x_m.shape[-1]), jnp.float32)
             x_a = nn.silu(x_c)
@@ -124,7 +127,7 @@ class MLSTMLayer(nn.Module):
                 q = make_norm(cfg.norm_type, cfg.mlstm_cell.norm_eps, dtype, name="q_norm")(q)
                 k = make_norm(cfg.norm_type, cfg.mlstm_cell.norm_eps, dtype, name="k_norm")(k)
             h, new_state = MLSTMCell(cfg, name="mlstm_cell")(q, k, v.reshape(B, S, NH, -1), gate_inputs,
-                                                             document_borders, mode, state)
+                                                             document_borders, mode, state, lengths)
             if new_state is not None:
                 new_state["conv"] = conv_state
             h = h.reshape(B, S, -1)

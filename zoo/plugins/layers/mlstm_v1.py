@@ -41,7 +41,8 @@ class MLSTMv1Layer(nn.Module):
     """``x (B, S, D) -> (y (B, S, D), state)``; the input is already normed by the block.
 
     ``mode`` is ``forward`` (state is None in and out), ``prefill`` or ``step``; the state is the
-    cell's ``c, n, m``.
+    cell's ``c, n, m``. With ``lengths (B,)`` int32 (right-padded rows) each row's state is the one after
+    its last real position.
     """
 
     config: LayerConfig
@@ -49,7 +50,8 @@ class MLSTMv1Layer(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, *, document_borders: jax.Array | None = None, deterministic: bool = True,
-                 mode: str = "forward", state: dict[str, jax.Array] | None = None):
+                 mode: str = "forward", state: dict[str, jax.Array] | None = None,
+                 lengths: jax.Array | None = None):
         cfg, cell = self.config, self.config.mlstm_cell
         sizes = derived_sizes(cfg)
         p = preamble(cfg, x)
@@ -64,7 +66,7 @@ class MLSTMv1Layer(nn.Module):
         if cell.add_qk_norm:
             q = make_norm(cfg.norm_type, cell.norm_eps, dtype, name="q_norm")(q)
             k = make_norm(cfg.norm_type, cell.norm_eps, dtype, name="k_norm")(k)
-        h, new_state = run_cell(cell, q, k, v, i, f, document_borders, mode, state)
+        h, new_state = run_cell(cell, q, k, v, i, f, document_borders, mode, state, lengths)
         h = make_norm(cell.norm_type_v1, cell.norm_eps, dtype, 2, name="outnorm")(h).reshape(B, S, -1)
         return p.project_down(nn.sigmoid(o) * h, self.num_blocks, deterministic), new_state
 
