@@ -1,4 +1,4 @@
-"""``python -m benchmarks {kernel,model,decode,compile,export,generation,all} [--quick]``: run, write JSON and plots, print targets."""
+"""``python -m benchmarks {kernel,model,decode,compile,export,generation,training,all} [--quick]``: run, write JSON and plots, print targets."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any
 
 from benchmarks.common import RESULTS, machine
 
-SECTIONS = ("kernel", "model", "decode", "compile", "export", "generation")
+SECTIONS = ("kernel", "model", "decode", "compile", "export", "generation", "training")
 
 
 def _export(quick: bool) -> dict[str, Any]:
@@ -47,6 +47,10 @@ def run_section(name: str, quick: bool) -> dict[str, Any]:
         from benchmarks import generation
 
         return generation.run(quick)
+    if name == "training":
+        from benchmarks import training
+
+        return training.run(quick)
     return _export(quick)
 
 

@@ -1,8 +1,10 @@
 """PNG plots of ``bench.json``: time and memory vs S, throughput vs the matmul roofline, decode latency vs context,
-generation (ragged batch and CLI cache)."""
+generation (ragged batch and CLI cache), training tokens/s and MFU."""
 
 from __future__ import annotations
 
+import statistics
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +128,29 @@ def generation(gen: dict[str, Any], path: Path) -> Path:
     return _save(fig, path)
 
 
+def training(train: dict[str, Any], path: Path) -> Path:
+    """Train-step tokens/s per candidate (bars: medians; dots: rounds), each bar marked with its MFU."""
+    plt = _pyplot()
+    tokens = train["B"] * train["S"]
+    runs = train["seconds_per_step"]
+    fig, ax = plt.subplots(figsize=(8.5, 4.8))
+    for x, (name, ts) in enumerate(runs.items()):
+        mid, tps = tokens / statistics.median(ts), [tokens / t for t in ts]
+        bar = ax.bar(x, mid, 0.6, alpha=0.7)[0]
+        ax.plot([x] * len(tps), tps, "k.", label="rounds" if x == 0 else None)
+        flops = train["flops_per_token"][name.rsplit(" @", 1)[0]]
+        ax.annotate(f"MFU {100 * flops * mid / (train['matmul_gflops'] * 1e9):.0f}%", (x, bar.get_height() / 2),
+                    ha="center", fontsize=9)
+    ax.set_xticks(range(len(runs)), [n.replace(" fwd+bwd", "\nfwd+bwd") for n in runs], fontsize=8)
+    ax.set(ylabel="training tokens/s", title=f"train step, {train['preset']}, B={train['B']} S={train['S']} "
+           f"{train['dtype']}\nMFU against the fastest f32 matmul of the same rounds, "
+           f"{train['matmul_gflops']:.0f} GFLOP/s")
+    ax.text(0.0, -0.24, textwrap.fill(train["flop_formula"], 140), transform=ax.transAxes, fontsize=5.5)
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
 def write_all(results: dict[str, Any], folder: Path) -> list[str]:
     """Every plot whose data is in ``results``; returns the file names."""
     written = []
@@ -136,4 +161,6 @@ def write_all(results: dict[str, Any], folder: Path) -> list[str]:
         written.append(decode_latency(results["decode"], folder / "decode_latency.png"))
     if "generation" in results:
         written.append(generation(results["generation"], folder / "generation.png"))
+    if "training" in results:
+        written.append(training(results["training"], folder / "training.png"))
     return [p.name for p in written]

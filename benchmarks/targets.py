@@ -89,6 +89,15 @@ def evaluate(results: dict[str, Any]) -> list[Target]:
                            0.5, False, f"{second['prefill_ms'] + second['first_step_ms']:.0f} vs "
                            f"{off['prefill_ms'] + off['first_step_ms']:.0f} ms; wall {second['wall_s']:.1f} vs "
                            f"{off['wall_s']:.1f} s per process"))
+    if "training" in results:
+        t = results["training"]
+        zoo_name, torch_name = "zoo train_step", "torch xlstm_large fwd+bwd+AdamW"
+        tps, mfu = t["tokens_per_s"], t["mfu"]
+        rows.append(Target("training tokens/s vs torch xlstm_large fwd+bwd+AdamW", t["ratio_tokens_per_s"], 1.0, True,
+                           f"B={t['B']} S={t['S']} {t['dtype']}: {tps[zoo_name]:.0f} vs {tps[torch_name]:.0f} tok/s; "
+                           f"MFU {100 * mfu[zoo_name]:.0f}% vs {100 * mfu[torch_name]:.0f}% of a "
+                           f"{t['matmul_gflops']:.0f} GFLOP/s f32 matmul; torch best at "
+                           f"{t['torch_threads_chosen'].get(torch_name)}"))
     if "export" in results and results["export"]:
         targets = results["export"]["meta"]["targets"]
         for r in results["export"]["results"]:

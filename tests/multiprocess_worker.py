@@ -16,7 +16,7 @@ import numpy as np  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
 
 import zoo  # noqa: E402
-import zoo.training as T  # noqa: E402
+import zoo.train as T  # noqa: E402
 from zoo.distributed import initialize_from_env  # noqa: E402
 
 

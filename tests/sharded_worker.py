@@ -18,7 +18,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import zoo  # noqa: E402
-import zoo.training as T  # noqa: E402
+import zoo.train as T  # noqa: E402
 from zoo import sharding  # noqa: E402
 
 FSDP = {"fsdp_modules": ["Embed", "LMHead", "mLSTMBlock"], "fsdp_min_weight_size": 0}
@@ -91,7 +91,8 @@ def main(layer_type: str, out_dir: str, extras: bool) -> None:
         optimizer = T.adamw(config, LR, eps=1e-3)
         state = T.init_train_state(config, copy(sharded), optimizer)
         compiled = T.lower_step(config, optimizer, state, tokens).compile()
-        state, loss = compiled(state, jax.device_put(tokens, jax.sharding.NamedSharding(mesh, sharding.batch_spec(config))))
+        batch = jax.device_put(tokens, jax.sharding.NamedSharding(mesh, sharding.batch_spec(config)))
+        state, loss, _ = compiled(state, batch, None, None)  # (state, tokens, borders, mask) -> (state, loss, grad norm)
         kept = all(a.sharding == b for a, b in zip(jax.tree_util.tree_leaves(state.params),
                                                    jax.tree_util.tree_leaves(shardings)))
         specs = {jax.tree_util.keystr(path): [list(a) if isinstance(a, tuple) else a for a in s.spec]

@@ -25,7 +25,7 @@ LAYERS: dict[str, int] = {
     "zoo.sharding": 6, "zoo.checkpoint": 6, "zoo.checks": 6, "zoo.runtime": 6, "zoo.distributed": 6,
     "zoo.staging": 6, "zoo.summary": 6,
     "zoo.inference": 7, "zoo.training": 7, "zoo.export": 7, "zoo.convert": 7, "zoo.info": 7, "zoo.testing": 7,
-    "zoo.tokenizers": 7, "zoo.tokenizers.codec": 2,
+    "zoo.tokenizers": 7, "zoo.tokenizers.codec": 2, "zoo.train": 7,
     "zoo": 8, "zoo.api": 8, "zoo.cli": 8,
 }
 """Module (or package prefix) -> layer. ``zoo.compiled`` only knows configs, so it sits with them: the model

@@ -43,7 +43,7 @@ def _calls(tree: ast.AST, name: str) -> list[ast.Call]:
 def test_every_jitted_model_function_comes_from_the_cache():
     """In the modules that run the model, ``jax.jit`` is only called inside ``_make_*`` builders, and each builder is
     only ever handed to ``zoo.compiled.compiled``."""
-    for rel in ("zoo/runtime.py", "zoo/training.py", "zoo/inference/decode.py"):
+    for rel in ("zoo/runtime.py", "zoo/train/step.py", "zoo/inference/decode.py"):
         tree = SOURCES[REPO / rel]
         makers = {fn.name for fn in tree.body if isinstance(fn, ast.FunctionDef) and fn.name.startswith("_make_")}
         assert makers, rel

@@ -70,7 +70,7 @@ def test_ids_outside_the_vocabulary_are_refused_with_the_argument_id_and_range(m
     at = f"tokens: id {bad_id} at index \\(0, 2\\) is outside"
     with pytest.raises(TokenError, match=at.replace("tokens", "prompts")):  # generate's argument is prompts
         zoo.generate(config, params, ids, 3)
-    from zoo.training import adamw, init_train_state, train_step  # the training step checks host data the same way
+    from zoo.train import adamw, init_train_state, train_step  # the training step checks host data the same way
 
     optimizer = adamw(config)
     with pytest.raises(TokenError, match=at):

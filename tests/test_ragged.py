@@ -18,7 +18,7 @@ import pytest
 import helpers
 import reference
 import zoo
-import zoo.training
+import zoo.train
 from zoo.export.runners import open_artifact
 from zoo.export.stablehlo import export_stablehlo
 from zoo.nn.cell import run_cell
@@ -215,9 +215,9 @@ def test_masked_training_loss_counts_only_real_targets():
     terms = [-log_p[b, t, tokens[b, t + 1]] for b, n in enumerate(lengths) for t in range(n - 1)]  # t predicts t+1
     expected = np.mean(terms)  # 9 + 5 + 0 targets
     repadded = np.where(np.arange(10) < lengths[:, None], tokens, 7)  # other padding ids: the same loss
-    optimizer = zoo.training.adamw(cfg)
-    state = zoo.training.init_train_state(cfg, params, optimizer)
-    _, loss = zoo.training.train_step(cfg, optimizer, state, repadded, lengths)  # loss_fn's value before the update
+    optimizer = zoo.train.adamw(cfg)
+    state = zoo.train.init_train_state(cfg, params, optimizer)
+    _, loss = zoo.train.train_step(cfg, optimizer, state, repadded, lengths)  # loss_fn's value before the update
     assert abs(float(loss) - expected) <= 1e-5 * expected
 
 

@@ -19,7 +19,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import zoo
-import zoo.training as T
+import zoo.train as T
 from zoo import sharding
 from zoo.config import ParallelConfig
 

@@ -56,6 +56,13 @@ class CheckpointRefused(CheckpointError):
 
 CHECKPOINT = "a zoo checkpoint folder (written by `zoo build` or zoo.save)"
 """What commands that load a checkpoint expect, in messages."""
+RUN_CHECKPOINTS = "checkpoints"
+"""The checkpoint folder inside a ``zoo train`` run folder; passing the run folder means this folder."""
+BEST_FILE = "best.json"
+"""``{"step": N, "eval_loss": x}`` in a checkpoint folder: the step with the lowest held-out loss (``zoo train``)."""
+TRAINING_ITEMS = ("train_state", "train")
+"""Items a ``zoo train`` step holds besides the checkpoint's own: the optimizer state, step and dropout key
+(arrays), and the data-iterator state and metrics line count (JSON)."""
 
 
 @dataclass(frozen=True)
@@ -65,6 +72,7 @@ class PathKind:
     ``kind`` is one of ``checkpoint`` (a folder of Orbax steps), ``step`` (one step folder, ``ck/0``),
     ``artifact`` (a ``zoo export`` folder with ``manifest.json``; ``format`` names its format),
     ``torch`` (a PyTorch / Hugging Face folder: ``config.json``/``config.yaml`` and safetensors),
+    A ``zoo train`` run folder is a ``checkpoint`` whose ``path`` is its ``checkpoints`` folder.
     ``file`` (any file, such as a config), ``empty`` (an empty folder), ``folder`` (any other folder)
     or ``missing``.
     """
@@ -122,6 +130,8 @@ def classify_path(path: str | os.PathLike) -> PathKind:
         return PathKind("artifact", root, format=str(fmt))
     if _holds_steps(root):
         return PathKind("checkpoint", root)
+    if RUN_CHECKPOINTS in names and (root / RUN_CHECKPOINTS).is_dir() and _holds_steps(root / RUN_CHECKPOINTS):
+        return PathKind("checkpoint", root / RUN_CHECKPOINTS)  # a `zoo train` run folder: its checkpoints
     if root.name.isdigit() and _holds_steps(root.parent) and ("_CHECKPOINT_METADATA" in names or "params" in names):
         return PathKind("step", root)
     if any(n.startswith("config.") for n in names) and any(n.endswith((".safetensors", ".safetensors.index.json"))
@@ -154,9 +164,21 @@ class StepRef:
     root: Path
     step: int
     steps: list[int]
+    best: int | None = None
+    """The step with the lowest held-out loss, when a training run recorded one (``BEST_FILE``)."""
 
     def __str__(self) -> str:
-        return f"step {self.step} of {self.root} ({steps_text(self.steps)})"
+        best = "" if self.best is None else (", the best" if self.best == self.step else f"; best: step {self.best}")
+        return f"step {self.step} of {self.root} ({steps_text(self.steps)}{best})"
+
+
+def best_step(root: str | os.PathLike) -> int | None:
+    """The best step recorded in checkpoint folder ``root`` (``BEST_FILE``), or None."""
+    try:
+        step = json.loads((Path(root) / BEST_FILE).read_text()).get("step")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return step if type(step) is int else None
 
 
 def find_step(directory: str | os.PathLike, step: int | None = None, expected: str = CHECKPOINT) -> StepRef:
@@ -168,7 +190,8 @@ def find_step(directory: str | os.PathLike, step: int | None = None, expected: s
     root = checkpoint_root(directory, expected)
     with _manager(root) as manager:
         picked = _pick_step(manager, root, step)
-        return StepRef(root, picked, sorted(manager.all_steps()))
+        steps, best = sorted(manager.all_steps()), best_step(root)
+        return StepRef(root, picked, steps, best if best in steps else None)
 
 
 def _manager(root: Path, create: bool = False) -> ocp.CheckpointManager:
@@ -176,8 +199,38 @@ def _manager(root: Path, create: bool = False) -> ocp.CheckpointManager:
         root,
         options=ocp.CheckpointManagerOptions(create=create, max_to_keep=None),
         item_handlers={"params": ocp.StandardCheckpointHandler(), "config": ocp.JsonCheckpointHandler(),
-                       "metadata": ocp.JsonCheckpointHandler(), "tokenizer": ocp.JsonCheckpointHandler()},
+                       "metadata": ocp.JsonCheckpointHandler(), "tokenizer": ocp.JsonCheckpointHandler(),
+                       "train_state": ocp.StandardCheckpointHandler(), "train": ocp.JsonCheckpointHandler()},
     )
+
+
+def manager(directory: str | os.PathLike) -> ocp.CheckpointManager:
+    """An Orbax ``CheckpointManager`` on ``directory`` (created if missing) that reads and writes every item of a
+    zoo step (``step_items``) and of a training step (``TRAINING_ITEMS``), saving asynchronously; it keeps every
+    step (delete with ``manager.delete``)."""
+    return _manager(_resolve(directory), create=True)
+
+
+def step_items(config: ModelConfig, params: Any, tokenizer: Codec | tokenizers.Tokenizer | None = None,
+               extra_metadata: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The Orbax save arguments of a zoo checkpoint step (params, config, metadata with its hashes, tokenizer), to
+    pass to ``ocp.args.Composite`` with any further items. Checks as ``save`` does (``check_params``; a tokenizer
+    that does not fit: ``TokenizerError``)."""
+    from zoo.tokenizers.codec import as_codec, check_fits  # not at the top: zoo.tokenizers imports this module
+
+    check_params(check_config(config), params)
+    items: dict[str, Any] = {}
+    recorded: dict[str, Any] = {}
+    if tokenizer is not None:
+        codec = as_codec(tokenizer)
+        check_fits(codec.tokenizer, config)
+        stored = json.loads(codec.tokenizer.to_str())
+        items["tokenizer"] = ocp.args.JsonSave(stored)
+        recorded = {"tokenizer": codec.describe(), "tokenizer_sha256": json_hash(stored)}
+    metadata = {**_metadata(config, params), **recorded, **(extra_metadata or {})}
+    metadata["metadata_sha256"] = json_hash(metadata)  # covers every other field
+    return {"params": ocp.args.StandardSave(params), "config": ocp.args.JsonSave(config.model_dump(mode="json")),
+            "metadata": ocp.args.JsonSave(metadata), **items}
 
 
 def content_hash(params: Any) -> str:
@@ -255,34 +308,17 @@ def save(directory: str | os.PathLike, config: ModelConfig, params: Any,
     ``params`` that does not fit ``config`` (``zoo.checks.check_params``), and ``TokenizerError`` for a
     tokenizer with more tokens than ``config.vocab_size``, before anything is written.
     """
-    from zoo.tokenizers.codec import as_codec, check_fits  # not at the top: zoo.tokenizers imports this module
-
     _check_directory(directory)
-    check_params(check_config(config), params)
-    items: dict[str, Any] = {}
-    recorded: dict[str, Any] = {}
-    if tokenizer is not None:
-        codec = as_codec(tokenizer)
-        check_fits(codec.tokenizer, config)
-        stored = json.loads(codec.tokenizer.to_str())
-        items["tokenizer"] = ocp.args.JsonSave(stored)
-        recorded = {"tokenizer": codec.describe(), "tokenizer_sha256": json_hash(stored)}
+    items = step_items(config, params, tokenizer, extra_metadata)
     root = check_save_target(directory, params, force=force)
     with _manager(root, create=True) as manager:
         latest = manager.latest_step()
         step = 0 if latest is None else latest + 1
-        metadata = {**_metadata(config, params), **recorded, **(extra_metadata or {})}
-        metadata["metadata_sha256"] = json_hash(metadata)  # covers every other field
         if jax.process_count() == 1:  # left by an interrupted save (Orbax would remove it too, with a warning)
             shutil.rmtree(root / f"{step}.orbax-checkpoint-tmp", ignore_errors=True)
         try:
             with _failed_reads_silenced():
-                manager.save(step, args=ocp.args.Composite(
-                    params=ocp.args.StandardSave(params),
-                    config=ocp.args.JsonSave(config.model_dump(mode="json")),
-                    metadata=ocp.args.JsonSave(metadata),
-                    **items,
-                ))
+                manager.save(step, args=ocp.args.Composite(**items))
                 manager.wait_until_finished()
         except Exception as exc:  # disk full, permissions, I/O errors: the earlier steps are untouched
             shutil.rmtree(root / f"{step}.orbax-checkpoint-tmp", ignore_errors=True)
@@ -559,7 +595,7 @@ def load(directory: str | os.PathLike, step: int | None = None, *, dtype: Any = 
             floating = False
         if not floating:
             raise TypeError(f"dtype must be a float dtype such as 'float32' or 'bfloat16', got {dtype!r}")
-    root = _resolve(directory)
+    root = checkpoint_root(directory)  # a run folder means its checkpoints folder
     step, config_json, metadata = _read_json(root, step)
     plugins = plugin_status(metadata)
     missing = [str(p) for p in plugins if p.status == "missing"]

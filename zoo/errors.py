@@ -14,6 +14,7 @@ class                       where                       built-in base
 ``ExportError``             ``zoo.export.entries``      ``ValueError``
 ``ConvertError``            ``zoo.convert.torch``       ``ValueError``
 ``TokenizerError``          ``zoo.tokenizers``          ``ValueError``
+``DataError``               ``zoo.train.data``          ``ValueError``
 ``PluginError``             ``zoo.registry``            ``Exception``
 ``UnknownPluginError``      ``zoo.registry``            ``LookupError``
 ``ContractError``           ``zoo.registry.contracts``  ``ValueError``

@@ -147,13 +147,14 @@ def _checkpoint(root: Path, step: int | None) -> dict[str, Any]:
     info.update({
         "steps": where.steps,
         "step": where.step,
+        "best_step": where.best,
         "parameters": parameters(param_layout(root, where.step), "stored"),
         "plugins": _recorded_plugins(metadata) if "plugins" in metadata
         else _plugins_of(config) if config is not None else [],
         "config_error": error,
         "versions": _suffixed(metadata, "_version"),
         "hashes": _suffixed(metadata, "_sha256"),
-        "disk_bytes": _disk_bytes(root / str(where.step)),
+        "disk_bytes": _disk_bytes(where.root / str(where.step)),
         "problems": [],  # config and metadata hashes were verified by read_stored; arrays are verified by load
         "tokenizer": {**metadata["tokenizer"], "sha256": metadata.get("tokenizer_sha256")}
         if isinstance(metadata.get("tokenizer"), dict) else None,
@@ -260,7 +261,9 @@ def rows(info: dict[str, Any]) -> list[tuple[str, str]]:
     arch = info["architecture"]
     out = [(info["kind"], info["path"] or f"preset {info.get('preset')}")]
     if info["kind"] == "checkpoint":
-        out.append(("step", f"{info['step']} ({steps_text(info['steps'])})"))
+        best = info.get("best_step")
+        best = "" if best is None else ", the best" if best == info["step"] else f"; best: step {best}"
+        out.append(("step", f"{info['step']} ({steps_text(info['steps'])}{best})"))
     out.append(("architecture", f"{arch['layer_type']}, {arch['num_blocks']} blocks, embedding_dim "
                                 f"{arch['embedding_dim']}, {arch['num_heads']} heads, vocab_size {arch['vocab_size']}, "
                                 f"context_length {arch['context_length']}, dtype {arch['dtype']}"))

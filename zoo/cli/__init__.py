@@ -2,6 +2,7 @@
 
 - ``zoo validate CONFIG``: check a config file or preset; exit 2 naming each invalid field.
 - ``zoo build CONFIG``: initialise a model and save an Orbax checkpoint (``--abstract``: only shapes and sizes).
+- ``zoo train CONFIG_OR_CKPT``: train a preset or config, or fine-tune a checkpoint, on text (``--data``); resumable.
 - ``zoo generate CHECKPOINT``: continue ``--prompt-ids`` with a saved model, greedy or sampled.
 - ``zoo run ARTIFACT``: smoke-test an export artifact or a checkpoint: next-token logits and a greedy continuation.
 - ``zoo export CHECKPOINT``: write a serving artifact (StableHLO, a TF SavedModel, or a format a plugin adds).
@@ -13,10 +14,10 @@
 - ``zoo convert torch SRC``: convert an NX-AI xlstm_large, Hugging Face xlstm or NeurIPS checkpoint into a zoo one.
 - ``zoo convert to-torch CHECKPOINT``: write an mlstm_v1 zoo checkpoint in xlstm_large format.
 
-One module per command group: ``model`` (validate, build, info, presets, schema), ``inference`` (generate,
-run), ``artifacts`` (export, convert), ``plugins`` (plugins, check-backends), and ``common`` (the consoles,
-one-line usage and input errors, Ctrl-C, shared options). Exit codes: 0 done, 1 a failed check
-(check-backends), 2 bad input (one line on stderr, from ``bad_input_exits`` or a usage error), 130 Ctrl-C.
+One module per command group: ``model`` (validate, build, info, presets, schema), ``train`` (train),
+``inference`` (generate, run), ``artifacts`` (export, convert), ``plugins`` (plugins, check-backends), and
+``common`` (the consoles, one-line usage and input errors, Ctrl-C, shared options). Exit codes: 0 done, 1 a failed
+check (check-backends), 2 bad input (one line on stderr, from ``bad_input_exits`` or a usage error), 130 Ctrl-C.
 Their functions are named ``*_command``: none shadows a library name such as ``zoo.build`` or ``zoo.generate``.
 """
 
@@ -37,11 +38,12 @@ from zoo.cli.common import (EXIT_BAD_INPUT, EXIT_INTERRUPTED, UNBOUNDED_WIDTH, I
 from zoo.cli.inference import generate_command, run_command
 from zoo.cli.model import build_command, info_command, presets_command, schema_command, validate_command
 from zoo.cli.plugins import check_backends_command, plugins_command
+from zoo.cli.train import train_command
 
 __all__ = ["EXIT_BAD_INPUT", "EXIT_INTERRUPTED", "UNBOUNDED_WIDTH", "Interrupted", "app", "bad_input_exits",
            "build_command", "check_backends_command", "convert_to_torch_command", "convert_torch_command", "err",
            "export_command", "fail", "generate_command", "info_command", "main", "out", "plugins_command",
-           "presets_command", "run_command", "schema_command", "validate_command"]
+           "presets_command", "run_command", "schema_command", "train_command", "validate_command"]
 
 app = typer.Typer(
     cls=OneLineUsageErrors,
@@ -56,6 +58,7 @@ app = typer.Typer(
 # The commands in the order `zoo --help` lists them (the convert group comes after the plain commands).
 app.command("validate")(validate_command)
 app.command("build")(build_command)
+app.command("train")(train_command)
 app.command("generate")(generate_command)
 app.command("export")(export_command)
 app.command("run")(run_command)
