@@ -20,6 +20,7 @@ from jax import monitoring
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 import zoo
+import zoo.inference
 from helpers import invoke_cli as invoke
 from zoo.tokenizers import Codec
 
@@ -145,6 +146,8 @@ def test_bad_arguments_are_named(model, codec):
         zoo.generate(config, params, [[1], "text"], 2)
     with pytest.raises(zoo.TokenError, match=r"tokens: sequence length 65 exceeds context_length=64"):
         zoo.generate(config, params, [[1] * 65], 2)
+    with pytest.raises(zoo.inference.GenerationError, match=r"top_p must be in \(0, 1\], got 2"):
+        zoo.generate(config, params, PROMPTS[:1], 2, top_p=2.0)
     with pytest.raises(ValueError, match="text stop sequences and on_text need a tokenizer"):
         zoo.generate(config, params, PROMPTS[:1], 2, stop=["x"])
 
@@ -182,6 +185,11 @@ def test_cli_text_prompts_json_and_prompt_files(model, codec, saved, tmp_path):
         "--prompt-ids"]
     both = invoke("generate", checkpoint, "--prompt", "a", "--prompt-ids", "1")
     assert both.exit_code == 2 and "give exactly one of --prompt, --prompt-file, --prompt-ids" in both.stderr
+    for args, message in ((["--top-p", "2"], "error: top_p must be in (0, 1], got 2.0"),
+                          (["--stop", ""], "error: stop sequences must not be empty")):
+        bad = invoke("generate", checkpoint, "--prompt", "the quick", *args)
+        assert bad.exit_code == 2 and bad.stderr.strip().splitlines()[-1] == message, bad.output
+        assert "prompt:" not in bad.stdout  # nothing is printed for a refused run
 
 
 def test_cli_streams_one_text_prompt_and_run_matches_generate(model, codec, saved, tmp_path):

@@ -15,6 +15,7 @@ class                       where                       built-in base
 ``ConvertError``            ``zoo.convert.torch``       ``ValueError``
 ``TokenizerError``          ``zoo.tokenizers``          ``ValueError``
 ``DataError``               ``zoo.train.data``          ``ValueError``
+``GenerationError``         ``zoo.inference.sampling``  ``ValueError``
 ``PluginError``             ``zoo.registry``            ``Exception``
 ``UnknownPluginError``      ``zoo.registry``            ``LookupError``
 ``ContractError``           ``zoo.registry.contracts``  ``ValueError``

@@ -178,11 +178,13 @@ def _run_prompts(command: str, path: Path, prompts_given: tuple, max_new_tokens:
     if source.runner is None:
         return _greedy_only(source, codec, prompts, max_new_tokens, settings, stop, logprobs, as_json, show_logits)
     stream = len(prompts) == 1 and codec is not None and not as_json
-    if stream:
-        _print_prompt(prompts[0])
-        out.print("text:      ", end="")
+    streamed: list[str] = []
 
     def on_text(row: int, piece: str) -> None:
+        if not streamed:  # the prompt and the label wait for the first piece: a refused run prints nothing here
+            _print_prompt(prompts[0])
+            out.print("text:      ", end="")
+        streamed.append(piece)
         sys.stdout.write(piece)  # as it arrives, not through rich: a piece may be a lone space or newline
         sys.stdout.flush()
 
@@ -191,10 +193,10 @@ def _run_prompts(command: str, path: Path, prompts_given: tuple, max_new_tokens:
                                tokenizer=codec, on_text=on_text if stream else None, **settings)
     if as_json:
         return _print_json(prompts, result)
-    if stream:
+    if stream and streamed:
         out.print()
     for b, prompt in enumerate(prompts):
-        if not stream:
+        if not (stream and streamed):
             _print_prompt(prompt, result.text[b] if result.text is not None else None)
         show_top_logits(result.prompt_logits[b], show_logits)
         out.print(f"generated: {' '.join(map(str, result.tokens[b]))}")

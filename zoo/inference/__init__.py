@@ -4,8 +4,9 @@
 from zoo.inference.artifact import ArtifactRunner
 from zoo.inference.decode import (
     Decoded, Generation, ModelRunner, Runner, decode_loop, generate, generate_with, step_fn)
-from zoo.inference.sampling import Sampled, SamplerState, SamplingParams, check_sampling, sample, sampler_state
+from zoo.inference.sampling import (
+    GenerationError, Sampled, SamplerState, SamplingParams, check_sampling, sample, sampler_state)
 
-__all__ = ["ArtifactRunner", "Decoded", "Generation", "ModelRunner", "Runner", "Sampled", "SamplerState",
+__all__ = ["ArtifactRunner", "Decoded", "Generation", "GenerationError", "ModelRunner", "Runner", "Sampled", "SamplerState",
            "SamplingParams", "check_sampling", "decode_loop", "generate", "generate_with", "sample", "sampler_state",
            "step_fn"]

@@ -8,6 +8,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from zoo.checks import TokenError
+from zoo.inference.sampling import GenerationError
 
 T = TypeVar("T")
 
@@ -53,11 +54,11 @@ def prompt_lists(prompts: Any, codec: Any = None, vocab_size: int | None = None)
 
 
 def per_prompt(value: T | Sequence[T], count: int, name: str) -> list[T]:
-    """``value`` repeated for ``count`` prompts, or the list of one value per prompt (``ValueError`` naming ``name``
+    """``value`` repeated for ``count`` prompts, or the list of one value per prompt (``GenerationError``, a ``ValueError``, naming ``name``
     when its length differs)."""
     if isinstance(value, (list, tuple)):
         if len(value) != count:
-            raise ValueError(f"{name} has {len(value)} values for {count} prompts; give one value or one per prompt")
+            raise GenerationError(f"{name} has {len(value)} values for {count} prompts; give one value or one per prompt")
         return list(value)
     return [value] * count
 

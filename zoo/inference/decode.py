@@ -21,7 +21,7 @@ import numpy as np
 from zoo import compiled, runtime, sharding
 from zoo.config import ModelConfig, check_config
 from zoo.inference.batch import pad, per_prompt, prompt_lists
-from zoo.inference.sampling import Sampled, SamplerState, SamplingParams, sample, sampler_state
+from zoo.inference.sampling import GenerationError, Sampled, SamplerState, SamplingParams, sample, sampler_state
 from zoo.inference.stopping import OnText, RowOutput, stop_lists
 from zoo.model import Params
 from zoo.tokenizers import Codec, as_codec, check_fits
@@ -161,7 +161,7 @@ def _check_budgets(max_new_tokens: Any, count: int) -> list[int]:
     budgets = per_prompt(max_new_tokens, count, "max_new_tokens")
     for n in budgets:
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-            raise ValueError(f"max_new_tokens must be an integer >= 1 (per prompt or for all), got {n!r}")
+            raise GenerationError(f"max_new_tokens must be an integer >= 1 (per prompt or for all), got {n!r}")
     return [int(n) for n in budgets]
 
 
@@ -185,7 +185,7 @@ def generate(config: ModelConfig, params: Params, prompts: Any, max_new_tokens: 
 
     The tokens are read back to the host after every step only when something needs them (EOS ids, stop
     sequences, ``on_text``); otherwise once at the end. Raises ``TokenError`` for a bad prompt (as
-    ``zoo.prefill``), ``ValueError`` naming a bad setting, ``TokenizerError`` for a tokenizer that does
+    ``zoo.prefill``), ``GenerationError`` (a ``ValueError``) naming a bad setting, ``TokenizerError`` for a tokenizer that does
     not fit the model.
     """
     return generate_with(ModelRunner(check_config(config), params), prompts, max_new_tokens, temperature=temperature,
@@ -208,7 +208,7 @@ def generate_with(runner: Runner, prompts: Any, max_new_tokens: int | Sequence[i
                                 min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, logprobs=logprobs)
     stop_ids, stop_texts = stop_lists(stop)
     if (stop_texts or on_text is not None) and codec is None:
-        raise ValueError("text stop sequences and on_text need a tokenizer (pass tokenizer=)")
+        raise GenerationError("text stop sequences and on_text need a tokenizer (pass tokenizer=)")
     eos = frozenset(codec.eos_ids if eos_ids is None and codec is not None else (eos_ids or ()))
     rows = [RowOutput(b, budgets[b], eos, stop_ids, stop_texts, codec, on_text) for b in range(len(ids))]
     num_logprobs = max((s.logprobs or 0 for s in settings), default=0)

@@ -20,15 +20,20 @@ import jax.numpy as jnp
 import numpy as np
 
 from zoo.checks import check_int, check_seed
+from zoo.errors import ZooError
 
 MAX_LOGPROBS = 20  # OpenAI's limit on alternatives per token
+
+
+class GenerationError(ZooError, ValueError):
+    """A setting of ``generate`` or of the sampler that is out of range: names the argument and what was expected."""
 
 
 def _check_number(name: str, value: float, ok: Callable[[float], bool], expected: str) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
     if not (math.isfinite(value) and ok(value)):
-        raise ValueError(f"{name} must be {expected}, got {value}")
+        raise GenerationError(f"{name} must be {expected}, got {value}")
 
 
 @dataclass(frozen=True)
@@ -83,7 +88,7 @@ def sampler_state(params: Sequence[SamplingParams], prompts: Sequence[Sequence[i
     Raises ``ValueError`` when ``params`` and ``prompts`` differ in length or a prompt id is outside
     ``[0, vocab_size)``, ``TypeError`` when an entry of ``params`` is not a ``SamplingParams``."""
     if len(params) != len(prompts):
-        raise ValueError(f"sampling params: {len(params)} given for {len(prompts)} prompts; give one per prompt")
+        raise GenerationError(f"sampling params: {len(params)} given for {len(prompts)} prompts; give one per prompt")
     for i, p in enumerate(params):
         if not isinstance(p, SamplingParams):
             raise TypeError(f"sampling params[{i}] must be a SamplingParams, got {type(p).__name__}")
@@ -91,7 +96,7 @@ def sampler_state(params: Sequence[SamplingParams], prompts: Sequence[Sequence[i
     for b, prompt in enumerate(prompts):
         ids = np.asarray(prompt, np.int64).reshape(-1)
         if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
-            raise ValueError(f"prompt {b}: token id {ids[(ids < 0) | (ids >= vocab_size)][0]} is outside "
+            raise GenerationError(f"prompt {b}: token id {ids[(ids < 0) | (ids >= vocab_size)][0]} is outside "
                              f"the vocabulary [0, {vocab_size})")
         seen[b, ids] = True
 
@@ -163,7 +168,7 @@ def sample(logits: jax.Array, state: SamplerState, num_logprobs: int = 0) -> tup
     static; raises ``ValueError`` for a bad ``num_logprobs`` or logits whose shape does not match the state."""
     check_int(num_logprobs, "num_logprobs", 0, min(MAX_LOGPROBS, logits.shape[-1]) + 1)
     if logits.shape != state.seen.shape:
-        raise ValueError(f"logits of shape {logits.shape} do not match the sampler state's {state.seen.shape}")
+        raise GenerationError(f"logits of shape {logits.shape} do not match the sampler state's {state.seen.shape}")
     penalised = _penalised(logits, state)
     greedy = jnp.argmax(penalised, axis=-1).astype(jnp.int32)
 
@@ -184,5 +189,5 @@ def sample(logits: jax.Array, state: SamplerState, num_logprobs: int = 0) -> tup
 def check_sampling(max_new_tokens: int, temperature: float, top_k: int, seed: int) -> None:
     """``ValueError`` (``TypeError`` for a wrong type) naming the first of these arguments that is out of range."""
     if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        raise GenerationError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     SamplingParams(temperature=temperature, top_k=top_k, seed=seed)

@@ -12,6 +12,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from zoo.inference.sampling import GenerationError
+
 OnText = Callable[[int, str], None]
 """``on_text(row, piece)``: called with each new piece of a row's text as it becomes final."""
 
@@ -114,7 +116,7 @@ class RowOutput:
 
 def stop_lists(stop: Sequence[str | Sequence[int]] | str | None) -> tuple[tuple[tuple[int, ...], ...], tuple[str, ...]]:
     """Split ``stop`` (a string, or a list of strings and token-id sequences) into token and text stop sequences;
-    ``ValueError`` for an empty one."""
+    ``GenerationError`` (a ``ValueError``) for an empty one."""
     if stop is None:
         return (), ()
     if isinstance(stop, str):
@@ -126,5 +128,5 @@ def stop_lists(stop: Sequence[str | Sequence[int]] | str | None) -> tuple[tuple[
         else:
             ids.append(tuple(int(t) for t in s))
         if not (texts[-1] if isinstance(s, str) else ids[-1]):
-            raise ValueError("stop sequences must not be empty")
+            raise GenerationError("stop sequences must not be empty")
     return tuple(ids), tuple(texts)
