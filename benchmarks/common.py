@@ -2,22 +2,49 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import gc
 import os
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import monitoring
 
 GIB = 1024**3
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+class Compiles:
+    """Counts XLA compilations in this process (JAX's own monitoring event)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        monitoring.register_event_duration_secs_listener(self._seen)
+
+    def _seen(self, event: str, duration: float, **kwargs: Any) -> None:
+        if event == "/jax/core/compile/backend_compile_duration":
+            self.count += 1
+
+
+COMPILES = Compiles()
+
+
+@contextlib.contextmanager
+def no_compiles(where: str) -> Iterator[None]:
+    """``RuntimeError`` when an XLA compile happens inside the block: a timed region must not count compile time."""
+    before = COMPILES.count
+    yield
+    if COMPILES.count != before:
+        raise RuntimeError(f"{COMPILES.count - before} XLA compiles happened inside {where}: the figures would count "
+                           "compile time; warm every shape first")
 
 
 def interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:

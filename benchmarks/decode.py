@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import zoo
-from benchmarks.common import best_of_threads, interleaved, median, torch_thread_variants
+from benchmarks.common import best_of_threads, interleaved, median, no_compiles, torch_thread_variants
 from benchmarks.models import replace_keys, torch_model, zoo_config, zoo_params
 from zoo.inference import SamplingParams, decode_loop, generate, sampler_state, step_fn
 
@@ -58,7 +58,10 @@ def latency_vs_context(cfg: Any, params: Any, contexts: list[int], steps: int, r
         return go
 
     per_token: dict[int, list[float]] = {c: [] for c in contexts}
-    interleaved({str(c): run(c) for c in contexts}, rounds)
+    fns = {str(c): run(c) for c in contexts}
+    interleaved(fns, 0)  # the warm-up call of each context: compiles; dropped below
+    with no_compiles("the decode latency rounds"):
+        interleaved(fns, rounds, warmup=0)
     rows = []
     for c in contexts:
         ts = per_token[c][1:]  # the first call is the warm-up
@@ -88,7 +91,10 @@ def run(quick: bool) -> dict[str, Any]:
         per_token.setdefault(f"torch step @{torch.get_num_threads()}t", []).append(
             _torch_decode(tmodel, prompt, torch_tokens))
 
-    interleaved({"zoo generate": zoo_run, **torch_thread_variants({"torch step": torch_run})}, repeats)
+    fns = {"zoo generate": zoo_run, **torch_thread_variants({"torch step": torch_run})}
+    interleaved(fns, 0)  # the warm-up call of each: compiles; dropped below
+    with no_compiles("the decode rounds"):
+        interleaved(fns, repeats, warmup=0)
     per_token = {name: ts[1:] for name, ts in per_token.items()}  # drop the warm-up call
     med, chosen = best_of_threads({name: median(ts) for name, ts in per_token.items()})
     print("  decode: " + ", ".join(f"{n} {1 / t:.1f} tok/s" for n, t in med.items()), flush=True)

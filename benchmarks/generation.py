@@ -14,10 +14,9 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax import monitoring
 
 import zoo
-from benchmarks.common import interleaved, matmul_fn, median
+from benchmarks.common import COMPILES, interleaved, matmul_fn, median, no_compiles
 from benchmarks.models import zoo_config, zoo_params
 from zoo.model import decode_state_shapes
 
@@ -26,21 +25,6 @@ QUICK_LENGTHS = (3, 5, 7, 9, 11, 13, 15, 16)  # one padded length: few compiles 
 REPO = Path(__file__).resolve().parent.parent
 CLI_ARGS = ("--prompt-ids", "1,2,3,4", "--max-new-tokens", "12")
 PRINTED = {"prefill_ms": r"prefill [^:]*:\s+([\d.]+) ms", "first_step_ms": r"first step\s+\(with\s+compile\)\s+([\d.]+) ms"}
-
-
-class _Compiles:
-    """Counts XLA compilations in this process (JAX's own monitoring event)."""
-
-    def __init__(self) -> None:
-        self.count = 0
-        monitoring.register_event_duration_secs_listener(self._seen)
-
-    def _seen(self, event: str, duration: float, **kwargs: Any) -> None:
-        if event == "/jax/core/compile/backend_compile_duration":
-            self.count += 1
-
-
-COMPILES = _Compiles()
 
 
 def bandwidth_gbs(mib: int = 512, repeats: int = 5) -> float:
@@ -119,10 +103,8 @@ def ragged(quick: bool) -> dict[str, Any]:
     for rs in runs.values():
         rs.clear()
     warm = COMPILES.count
-    interleaved(fns, rounds, warmup=0)
-    if COMPILES.count != warm:
-        raise RuntimeError(f"{COMPILES.count - warm} XLA compiles happened inside the timed rounds: "
-                           "the figures would count compile time; warm every shape first")
+    with no_compiles("the timed rounds"):
+        interleaved(fns, rounds, warmup=0)
     out: dict[str, Any] = {}
     for name, rs in runs.items():
         batch = len(prompts) if name == "batched" else 1

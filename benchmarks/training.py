@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import zoo
-from benchmarks.common import best_of_threads, interleaved, matmul_fn, median, torch_thread_variants
-from benchmarks.generation import COMPILES
+from benchmarks.common import (COMPILES, best_of_threads, interleaved, matmul_fn, median, no_compiles,
+                               torch_thread_variants)
 from benchmarks.kernel import chunkwise_flops
 from benchmarks.models import PRESET, torch_model, zoo_config, zoo_params
 from zoo import training
@@ -130,10 +130,8 @@ def run(quick: bool) -> dict[str, Any]:
     mm_times.clear()
     fns = candidates(steps)
     fns.update(torch_thread_variants({TORCH: fns.pop(TORCH)}))
-    times = interleaved(fns, rounds, warmup=0)
-    if COMPILES.count != warm:
-        raise RuntimeError(f"{COMPILES.count - warm} XLA compiles happened inside the timed training rounds: the "
-                           "figures would count compile time; warm every shape first")
+    with no_compiles("the timed training rounds"):
+        times = interleaved(fns, rounds, warmup=0)
     if not all(np.isfinite(x) for ls in losses.values() for x in ls):
         raise RuntimeError(f"a training loss is not finite: {losses}")
     per_step = {name: [t / steps for t in ts] for name, ts in times.items() if name != MATMUL}

@@ -9,6 +9,7 @@ from functools import partial
 import flax.linen as nn
 import jax
 import numpy as np
+from jax import monitoring
 
 from zoo.config import LayerConfig
 from zoo.nn.cell import run_cell
@@ -130,3 +131,18 @@ class TinyLayer(nn.Module):
         f = gate(gate_bias_init(cell.fgate_bias_init_range), name="fgate")((x,))
         h, state = run_cell(cell, q, k, v, i, f, document_borders, mode, state)
         return p.project_down(h.reshape(p.B, p.S, -1), self.num_blocks, deterministic), state
+
+
+class Compiles:
+    """Counts XLA compilations in this process (JAX's own monitoring event)."""
+
+    def __init__(self):
+        self.count = 0
+        monitoring.register_event_duration_secs_listener(self._seen)
+
+    def _seen(self, event: str, duration: float, **kwargs) -> None:
+        if event == "/jax/core/compile/backend_compile_duration":
+            self.count += 1
+
+
+COMPILES = Compiles()

@@ -16,12 +16,11 @@ import jax
 import numpy as np
 import pytest
 import tokenizers
-from jax import monitoring
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 import zoo
 import zoo.inference
-from helpers import invoke_cli as invoke
+from helpers import COMPILES, invoke_cli as invoke
 from zoo.tokenizers import Codec
 
 CONFIG = {"vocab_size": 300, "embedding_dim": 32, "num_blocks": 2, "dtype": "float32", "context_length": 64,
@@ -108,19 +107,6 @@ def test_a_text_stop_sequence_cuts_the_text(model, codec):
     cut = zoo.generate(config, params, ["the lazy"], 12, tokenizer=codec, temperature=1.0, seed=5, stop=[stop])
     assert cut.text[0] == text[:text.index(stop)] and cut.finish_reasons == ["stop"]
     assert codec.decode(cut.tokens[0]) == text[:len(codec.decode(cut.tokens[0]))]
-
-
-class Compiles:
-    def __init__(self):
-        self.count = 0
-        monitoring.register_event_duration_secs_listener(self._seen)
-
-    def _seen(self, event, duration, **kwargs):
-        if event == "/jax/core/compile/backend_compile_duration":
-            self.count += 1
-
-
-COMPILES = Compiles()
 
 
 def test_loaded_params_compile_each_function_once(model, tmp_path):

@@ -10,11 +10,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax import monitoring
 
 import zoo
 import zoo.inference
 import zoo.inference.decode
+from helpers import COMPILES
 from zoo.export.runners import greedy, open_artifact
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,21 +61,6 @@ def test_one_model_call():
                for n in _calls(tree, "apply") if isinstance(n.func, ast.Attribute)
                and isinstance(n.func.value, ast.Name) and n.func.value.id == "model"]
     assert [rel for rel, _ in callers] == ["zoo/runtime.py"]
-
-
-class Compiles:
-    """Counts XLA compilations (JAX's own monitoring events)."""
-
-    def __init__(self):
-        self.count = 0
-        monitoring.register_event_duration_secs_listener(self._seen)
-
-    def _seen(self, event: str, duration: float, **kwargs) -> None:
-        if event == "/jax/core/compile/backend_compile_duration":
-            self.count += 1
-
-
-COMPILES = Compiles()
 
 
 @pytest.fixture(scope="module")
