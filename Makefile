@@ -4,7 +4,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo train-demo test bench clean
+.PHONY: demo train-demo serve-demo test bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -12,12 +12,14 @@ $(BIN)/python:
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e ".[savedmodel]"
+	$(BIN)/python -m zoo.kernels.build
 	touch $@
 
 EXAMPLES := examples/zoo-pallas-mlstm examples/zoo-mlstm-sig
 
 $(VENV)/.installed-test: pyproject.toml $(addsuffix /pyproject.toml,$(EXAMPLES)) | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e ".[test]" $(addprefix -e ,$(EXAMPLES))
+	$(BIN)/python -m zoo.kernels.build
 	touch $@ $(VENV)/.installed
 
 demo: $(VENV)/.installed
@@ -46,12 +48,19 @@ train-demo: $(VENV)/.installed
 		--max-time 240
 	$(BIN)/zoo generate checkpoints/train-demo --prompt "def " --max-new-tokens 40
 
-# -n auto: one pytest worker per core (2 on the CI machine)
+# the demo checkpoint (make demo) behind the OpenAI-compatible server on http://127.0.0.1:8000 (Ctrl-C stops it)
+serve-demo: $(VENV)/.installed
+	test -d checkpoints/demo || $(MAKE) demo
+	$(BIN)/zoo serve checkpoints/demo --model-name demo
+
+# -n auto: one pytest worker per core (2 on the CI machine); loadgroup: tests marked with one xdist_group (those
+# sharing a server process) run on one worker
 test: $(VENV)/.installed-test
-	$(BIN)/python -m pytest -n auto
+	$(BIN)/python -m pytest -n auto --dist loadgroup
 
 $(VENV)/.installed-bench: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e ".[bench]"
+	$(BIN)/python -m zoo.kernels.build
 	touch $@ $(VENV)/.installed
 
 # kernel, model, decode, generation, compile, export and training benchmarks (~30-35 min on 2 cores); writes

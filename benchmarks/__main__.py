@@ -1,4 +1,4 @@
-"""``python -m benchmarks {kernel,model,decode,compile,export,generation,training,all} [--quick]``: run, write JSON and plots, print targets."""
+"""``python -m benchmarks {kernel,model,decode,compile,export,generation,training,int8,quantization,serving,all} [--quick]``: run, write JSON and plots, print targets."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any
 
 from benchmarks.common import RESULTS, machine
 
-SECTIONS = ("kernel", "model", "decode", "compile", "export", "generation", "training")
+SECTIONS = ("kernel", "model", "decode", "compile", "export", "generation", "training", "int8", "quantization", "serving")
 
 
 def _export(quick: bool) -> dict[str, Any]:
@@ -51,6 +51,18 @@ def run_section(name: str, quick: bool) -> dict[str, Any]:
         from benchmarks import training
 
         return training.run(quick)
+    if name == "int8":
+        from benchmarks import int8
+
+        return int8.run(quick)
+    if name == "quantization":
+        from benchmarks import quantization
+
+        return quantization.run(quick)
+    if name == "serving":
+        from benchmarks import serving
+
+        return serving.run(quick)
     return _export(quick)
 
 

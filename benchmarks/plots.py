@@ -87,10 +87,14 @@ def decode_latency(decode: dict[str, Any], path: Path) -> Path:
     """Per-token decode latency vs context length (zoo), with the torch step API at the first context."""
     plt = _pyplot()
     lat = decode["latency_vs_context"]
+    row = next(r for r in decode["rows"] if r["name"] == decode["latency_row"])
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    ax.plot([x["context"] for x in lat], [x["zoo_ms_per_token"] for x in lat], "-o", label="zoo generate")
-    ax.plot([decode["context"]], [1e3 * decode["median_s_per_token"]["torch step"]], "rs",
-            label=f"torch step API (context {decode['context']})")
+    ax.plot([x["context"] for x in lat], [x["zoo_ms_per_token"] for x in lat], "-o", label=decode["latency_row"])
+    torch = decode["torch"].get(row["preset"])
+    if torch:
+        ax.plot([decode["context"]], [torch["ms_per_token"]], "rs",
+                label=f"torch {torch['api']} (context {decode['context']})")
+    ax.axhline(row["roofline_ms_per_step"], color="k", ls="--", label="memory roofline (same run)")
     ax.set(xlabel="context (tokens)", ylabel="ms per token", title="decode latency vs context (B=1)")
     ax.set_xscale("log", base=2)
     ax.set_ylim(bottom=0)
@@ -157,10 +161,14 @@ def write_all(results: dict[str, Any], folder: Path) -> list[str]:
     if "kernel" in results:
         written.append(time_memory(results["kernel"], folder / "time_memory_vs_S.png"))
         written.append(roofline(results["kernel"], folder / "throughput_roofline.png"))
-    if "decode" in results:
+    if "decode" in results and results["decode"].get("latency_vs_context"):
         written.append(decode_latency(results["decode"], folder / "decode_latency.png"))
     if "generation" in results:
         written.append(generation(results["generation"], folder / "generation.png"))
     if "training" in results:
         written.append(training(results["training"], folder / "training.png"))
+    if "serving" in results:
+        from benchmarks import serving
+
+        written.append(serving.plot(results["serving"], folder / "serving.png"))
     return [p.name for p in written]

@@ -58,15 +58,28 @@ def evaluate(results: dict[str, Any]) -> list[Target]:
                            tps["torch xlstm_large prefill"], 1.5, True,
                            f"{p['preset']} B={p['B']} S={p['S']} {p['dtype']}: {tps['zoo prefill']:.0f} vs "
                            f"{tps['torch xlstm_large prefill']:.0f} tok/s"))
-    if "decode" in results:
+    if "decode" in results and "rows" in results["decode"]:
         d = results["decode"]
-        tps = d["tokens_per_s"]
-        rows.append(Target("decode tokens/s vs torch step API", tps["zoo generate"] / tps["torch step"], 2.0, True,
-                           f"context {d['context']}: {tps['zoo generate']:.1f} vs {tps['torch step']:.1f} tok/s"))
-        lat = d["latency_vs_context"]
-        rows.append(Target("decode latency flat (last/first context)",
-                           lat[-1]["zoo_ms_per_token"] / lat[0]["zoo_ms_per_token"], 1.2, False,
-                           ", ".join(f"{x['context']}: {x['zoo_ms_per_token']:.1f} ms" for x in lat)))
+        for r in (r for r in d["rows"] if r["batch"] == 1):
+            detail = (f"context {r['context']}: {r['ms_per_token']:.1f} ms/token (spread {100 * r['spread']:.0f}%), "
+                      f"roofline {r['roofline_ms_per_step']:.1f} ms at {r['bandwidth_gbs']:.1f} GB/s; load "
+                      f"{d['load_avg_start'][0]:.1f}")
+            rows.append(Target(f"decode {r['name']}: fraction of the memory roofline", r["fraction_of_roofline"],
+                               0.8, True, detail))
+            if r["vs_torch"] is not None:
+                t = d["torch"][r["preset"]]
+                rows.append(Target(f"decode {r['name']} vs torch {t['api']}", r["vs_torch"], 2.0, True,
+                                   f"{r['ms_per_token']:.1f} vs {t['ms_per_token']:.1f} ms/token (torch best at "
+                                   f"{t['threads']} threads)"))
+            if "vs_float32" in r:
+                rows.append(Target(f"decode {r['name']} vs float32 (same run)", r["vs_float32"], 1.5, True,
+                                   f"{r['ms_per_token']:.1f} ms/token; roofline of its int8 bytes "
+                                   f"{r['roofline_ms_per_step']:.1f} ms"))
+        lat = d.get("latency_vs_context")
+        if lat:
+            rows.append(Target("decode latency flat (last/first context)",
+                               lat[-1]["zoo_ms_per_token"] / lat[0]["zoo_ms_per_token"], 1.2, False,
+                               ", ".join(f"{x['context']}: {x['zoo_ms_per_token']:.1f} ms" for x in lat)))
     if "compile" in results:
         c = results["compile"]["scan_blocks=True"]
         small, big = c["mlstm_v1-165m"], c["mlstm_v1-1.3b"]
@@ -98,12 +111,44 @@ def evaluate(results: dict[str, Any]) -> list[Target]:
                            f"MFU {100 * mfu[zoo_name]:.0f}% vs {100 * mfu[torch_name]:.0f}% of a "
                            f"{t['matmul_gflops']:.0f} GFLOP/s f32 matmul; torch best at "
                            f"{t['torch_threads_chosen'].get(torch_name)}"))
+    if "quantization" in results:
+        rows += quantization_targets(results["quantization"])
+    if "serving" in results:
+        from benchmarks import serving
+
+        rows += serving.targets(results["serving"])
     if "export" in results and results["export"]:
         targets = results["export"]["meta"]["targets"]
         for r in results["export"]["results"]:
             if r["format"] != "jax":
                 rows.append(Target(f"export {r['format']} time / jitted JAX", r["ratio"], targets[r["format"]], False,
                                    f"B={r['B']} S={r['S']}: {r['median_ms']:.1f} vs {r['jax_median_ms']:.1f} ms"))
+    return rows
+
+
+def quantization_targets(q: dict[str, Any]) -> list[Target]:
+    """Issue 20's accuracy and memory targets of int8 (its default, and with the embedding quantised too)."""
+    rows = []
+    demo = q["demo"]
+    if "skipped" not in demo:
+        r = demo["int8"]
+        rows += [Target("int8 held-out perplexity / float32 (train-demo)", r["perplexity_ratio"], 1.01, False,
+                        f"{r['perplexity']:.3f} vs {demo['float32']['perplexity']:.3f} over {demo['positions']} "
+                        f"positions"),
+                 Target("int8 top-1 next-token agreement with float32 (train-demo)", r["top1_agreement"], 0.99, True,
+                        f"{demo['positions']} held-out positions; flips lead by a median "
+                        f"{r['flipped_median_margin'] or 0:.3f} nats in float32")]
+    mem = q["memory"]
+    for name in ("int8", "int8 + embedding"):
+        m = mem[name]
+        size = "disk" if "disk_ratio" in m else "stored"
+        rows += [Target(f"{name} checkpoint {size} bytes / float32 ({mem['preset']})", m.get("disk_ratio",
+                                                                                              m["stored_ratio"]),
+                        0.3, False, f"{m.get('disk_bytes', m['stored_bytes']) / 1e6:.1f} vs "
+                        f"{mem['float32'].get('disk_bytes', mem['float32']['stored_bytes']) / 1e6:.1f} MB"),
+                 Target(f"{name} decode-step parameter bytes / float32 ({mem['preset']}, batch 1)",
+                        m["decode_ratio"], 0.3, False, f"{m['decode_bytes'] / 1e6:.1f} vs "
+                        f"{mem['float32']['decode_bytes'] / 1e6:.1f} MB read per step")]
     return rows
 
 

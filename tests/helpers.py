@@ -146,3 +146,23 @@ class Compiles:
 
 
 COMPILES = Compiles()
+
+
+CORPUS = [f"Line {i}: the quick brown fox jumps over the lazy dog; café, naïve, 日本語 {i * 7}.\n" for i in range(60)]
+"""Text with multi-byte characters, for the small tokenizer of the generation, engine and server tests."""
+
+
+def byte_bpe_codec(eos_ids: tuple[int, ...] = ()):
+    """A byte-level BPE of 300 tokens trained on ``CORPUS`` (id 0 is ``<|endoftext|>``), as a ``zoo`` Codec."""
+    import tokenizers
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    from zoo.tokenizers import Codec
+
+    tokenizer = tokenizers.Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train_from_iterator(CORPUS, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return Codec(tokenizer, eos_ids=eos_ids)

@@ -21,8 +21,8 @@ import zoo
 import zoo.cli
 
 # What users type, from the README and the developers' guide: the commands and the one group with its own two.
-COMMANDS = ["validate", "build", "train", "generate", "export", "run", "check-backends", "plugins", "presets",
-            "schema", "info", "convert"]
+COMMANDS = ["validate", "build", "train", "generate", "export", "quantize", "run", "serve", "check-backends",
+            "plugins", "presets", "schema", "info", "convert"]
 ENTRIES = [*COMMANDS[:-1], "convert torch", "convert to-torch"]
 
 
@@ -91,7 +91,8 @@ def test_one_module_per_command_group():
     assert groups == {"zoo.cli": set(), "zoo.cli.common": set(), "zoo.cli.model": {"validate", "build", "info",
                       "presets", "schema"}, "zoo.cli.inference": {"generate", "run"},
                       "zoo.cli.artifacts": {"export", "convert torch", "convert to-torch"},
-                      "zoo.cli.plugins": {"plugins", "check-backends"}, "zoo.cli.train": {"train"}}
+                      "zoo.cli.plugins": {"plugins", "check-backends"}, "zoo.cli.train": {"train"},
+                      "zoo.cli.quantization": {"quantize"}, "zoo.cli.serve": {"serve"}}
 
 
 def test_no_cli_module_rebinds_a_library_name():

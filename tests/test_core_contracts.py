@@ -111,7 +111,8 @@ def test_every_kind_of_the_table_has_its_hook_and_its_contract_check():
     from zoo.registry import KINDS, hookspecs
     from zoo.registry.kinds import TABLE
 
-    assert KINDS == hookspecs.KINDS == tuple(TABLE) == ("layer", "norm", "init", "distribution", "cell", "exporter")
+    assert KINDS == hookspecs.KINDS == tuple(TABLE) == ("layer", "norm", "init", "distribution", "cell", "exporter",
+                                                    "quantizer")
     assert hookspecs.HOOK_BY_KIND == {k.name: k.hook for k in TABLE.values()}
     pm = PluginRegistry(builtins=False, autoload=False).pm
     specs = {name for name in dir(pm.hook) if not name.startswith("_") and getattr(pm.hook, name).has_spec()}

@@ -15,20 +15,16 @@ import sys
 import jax
 import numpy as np
 import pytest
-import tokenizers
-from tokenizers import decoders, models, pre_tokenizers, trainers
 
 import zoo
 import zoo.inference
-from helpers import COMPILES, invoke_cli as invoke
-from zoo.tokenizers import Codec
+from helpers import COMPILES, byte_bpe_codec, invoke_cli as invoke
 
 CONFIG = {"vocab_size": 300, "embedding_dim": 32, "num_blocks": 2, "dtype": "float32", "context_length": 64,
           "mlstm_block": {"mlstm": {"num_heads": 2, "mlstm_cell": {"prefill_backend": {
               "name": "chunkwise", "kwargs": {"chunk_size": 8}}}}}}
 PROMPTS = [[5, 17, 3], list(range(20, 31)), [7], list(range(40, 58))]  # lengths 3, 11, 1, 18: across chunks of 8
 MARGIN = 1e-4
-CORPUS = [f"Line {i}: the quick brown fox jumps over the lazy dog; café, naïve, 日本語 {i * 7}.\n" for i in range(60)]
 
 
 @pytest.fixture(scope="module")
@@ -39,13 +35,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def codec():
-    tokenizer = tokenizers.Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.train_from_iterator(CORPUS, trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<|endoftext|>"], show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return Codec(tokenizer, eos_ids=(0,))
+    return byte_bpe_codec(eos_ids=(0,))
 
 
 def agree(alone, batched):

@@ -19,14 +19,15 @@ LAYERS: dict[str, int] = {
     "zoo.errors": 0, "zoo.version": 0,
     "zoo.registry": 1,
     "zoo.config": 2, "zoo.config_source": 2, "zoo.presets": 2, "zoo.compiled": 2,
-    "zoo.nn": 3, "zoo.parts": 3,
+    "zoo.nn": 3, "zoo.parts": 3, "zoo.kernels": 3,
     "zoo.plugins": 4,
     "zoo.model": 5,
     "zoo.sharding": 6, "zoo.checkpoint": 6, "zoo.checks": 6, "zoo.runtime": 6, "zoo.distributed": 6,
-    "zoo.staging": 6, "zoo.summary": 6,
+    "zoo.decode_layout": 6,
+    "zoo.staging": 6, "zoo.summary": 6, "zoo.quantization": 6,
     "zoo.inference": 7, "zoo.training": 7, "zoo.export": 7, "zoo.convert": 7, "zoo.info": 7, "zoo.testing": 7,
     "zoo.tokenizers": 7, "zoo.tokenizers.codec": 2, "zoo.train": 7,
-    "zoo": 8, "zoo.api": 8, "zoo.cli": 8,
+    "zoo": 8, "zoo.api": 8, "zoo.cli": 8, "zoo.serve": 8,
 }
 """Module (or package prefix) -> layer. ``zoo.compiled`` only knows configs, so it sits with them: the model
 caches its abstract shapes there. ``zoo.tokenizers.codec`` knows no file format, so that checkpoints can store a

@@ -73,7 +73,8 @@ def test_info_on_a_checkpoint_matches_its_files(checkpoint):
     assert latest["steps"] == [0, 1] and latest["step"] == 1 and first["step"] == 0
     assert latest["architecture"] == {"layer_type": "mlstm", "num_blocks": 2, "embedding_dim": 32, "num_heads": 2,
                                       "vocab_size": 40, "context_length": -1, "dtype": "float32",
-                                      "lm_head_dtype": "float32", "tie_weights": False, "scan_blocks": False}
+                                      "lm_head_dtype": "float32", "tie_weights": False, "scan_blocks": False,
+                                      "quantization": None}
     _, restored = zoo.load(checkpoint)
     arrays = [np.asarray(x) for x in jax.tree_util.tree_leaves(restored)]
     params = latest["parameters"]

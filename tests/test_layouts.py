@@ -6,7 +6,8 @@ layer type (``mlstm``, ``mlstm_v1``), the params' stored dtype and the compute `
 in-process, through what ``generate``, ``export`` (StableHLO; SavedModel on one row), ``run``, ``info`` and a
 sharded load call. The oracle is each row's twin: the same values as float32 params, per block (unstacked
 here with NumPy indexing) and with a separate head (a copy of the transposed embedding when tied), in the
-same compute dtype, run through ``zoo.forward``. One real-CLI run per command uses the scanned, tied,
+same compute dtype, run through ``zoo.forward``; decoding (generate, run, an artifact's prefill and step) computes in
+the decode layout's dtype (float32 on a CPU, docs/decoding.md), so its twin computes in that dtype. One real-CLI run per command uses the scanned, tied,
 bfloat16 mlstm_v1 row. ``convert`` has its own layout matrix in test_convert_torch.py.
 """
 
@@ -22,6 +23,7 @@ from jax.sharding import Mesh, NamedSharding
 
 import zoo
 from helpers import by_path, nested
+from zoo.decode_layout import decode_config
 from zoo.export.runners import greedy, open_artifact
 from zoo.export.stablehlo import export_stablehlo
 from zoo.inference import generate
@@ -52,7 +54,8 @@ NEW_TOKENS = 6
 # other intermediates (5.8e-3 measured), so scanned bfloat16 rows get bfloat16's tolerance.
 SAME_PATH = 1e-5
 SCANNED_BFLOAT16 = 2e-2
-# ... and for prefill + step (the decoding path) against the twin's forward, which round differently
+# ... and for prefill + step (the decoding path) against the twin's forward, which round differently. Decoding
+# computes in the decode layout's dtype (float32 on a CPU, docs/decoding.md), so its twin is the twin in that dtype.
 ACROSS_PATHS = {"float32": 1e-5, "bfloat16": 3e-2}
 
 
@@ -113,6 +116,8 @@ class Layout:
         self.twin_config = config_of(False, False, self.layer, self.dtype)
         self.twin_params = twin_params(self.config, self.params)
         self.twin_logits = np.asarray(zoo.forward(self.twin_config, self.twin_params, PROMPTS))
+        self.decode_dtype = decode_config(self.config, jax.default_backend()).dtype
+        self.decode_twin_config = config_of(False, False, self.layer, self.decode_dtype)
 
     def assert_close(self, actual, expected, what: str, tolerances: dict[str, float] | None = None):
         """Within ``tolerances[dtype]``; by default, the same computation's (``SAME_PATH``)."""
@@ -120,23 +125,29 @@ class Layout:
         error, tolerance = relative_error(actual, expected), (tolerances or {}).get(self.dtype, same)
         assert error <= tolerance, f"{self.name}: {what} differ by {error:.2e} > {tolerance:.0e}"
 
+    def assert_decoded_close(self, actual, expected, what: str):
+        """Decoded logits against the twin in the decode dtype, within ``ACROSS_PATHS`` of that dtype."""
+        error, tolerance = relative_error(actual, expected), ACROSS_PATHS[self.decode_dtype]
+        assert error <= tolerance, f"{self.name}: {what} differ by {error:.2e} > {tolerance:.0e}"
+
     def assert_greedy(self, prompts, prompt_logits, tokens) -> np.ndarray:
-        """``tokens (B, N)`` continue ``prompts (B, S)`` as the twin would, fed the same tokens: in float32 each is
-        the twin's argmax; in bfloat16 each has the twin's largest logit, up to rounding. ``prompt_logits (B, V)``
-        (unless None) are the twin's after the prompt. Returns the twin's logits ``(B, N, V)`` that each new
-        token was chosen from."""
+        """``tokens (B, N)`` continue ``prompts (B, S)`` as the twin in the decode dtype would, fed the same tokens:
+        in float32 each is the twin's argmax; in bfloat16 each has the twin's largest logit, up to rounding.
+        ``prompt_logits (B, V)`` (unless None) are the twin's after the prompt. Returns the twin's logits
+        ``(B, N, V)`` that each new token was chosen from."""
         tokens = np.asarray(tokens)
         fed = np.concatenate([prompts, tokens], 1)
         # the twin always runs on PROMPTS' batch size: one compile serves every caller
-        twin = np.asarray(zoo.forward(self.twin_config, self.twin_params, np.resize(fed, (len(PROMPTS), fed.shape[1]))))
+        twin = np.asarray(zoo.forward(self.decode_twin_config, self.twin_params,
+                                      np.resize(fed, (len(PROMPTS), fed.shape[1]))))
         after = twin[:len(fed), prompts.shape[1] - 1:-1]
         if prompt_logits is not None:
-            self.assert_close(prompt_logits, after[:, 0], "next-token logits after the prompt", ACROSS_PATHS)
-        if self.dtype == "float32":
+            self.assert_decoded_close(prompt_logits, after[:, 0], "next-token logits after the prompt")
+        if self.decode_dtype == "float32":
             np.testing.assert_array_equal(tokens, after.argmax(-1))
         chosen = np.take_along_axis(after, tokens[..., None], -1)[..., 0]
         gap = (after.max(-1) - chosen) / np.abs(after).max()
-        assert (gap <= ACROSS_PATHS[self.dtype]).all(), (self.name, gap)
+        assert (gap <= ACROSS_PATHS[self.decode_dtype]).all(), (self.name, gap)
         return after
 
 
@@ -210,7 +221,7 @@ def assert_artifact_matches(layout: Layout, artifact):
     _, state = artifact.prefill(prompt)
     step_logits, _ = artifact.step(np.array(tokens[:1], np.int32), state)
     assert step_logits.shape == (1, 61)
-    layout.assert_close(step_logits, twin[:, 1], "step and twin logits", ACROSS_PATHS)
+    layout.assert_decoded_close(step_logits, twin[:, 1], "step and twin logits")
 
 
 @pytest.mark.slow
@@ -258,7 +269,8 @@ def assert_printed(layout: Layout, stdout: str):
     shown = {int(i): float(v) for i, v in (pair.split(": ") for pair in lines["logits"].split("  "))}
     assert len(shown) == 5 and list(shown)[0] == tokens[0]
     for i, value in shown.items():
-        assert abs(value - twin[i]) <= ACROSS_PATHS[layout.dtype] * np.abs(twin).max() + 5e-5, (i, value, twin[i])
+        assert abs(value - twin[i]) <= ACROSS_PATHS[layout.decode_dtype] * np.abs(twin).max() + 5e-5, (i, value,
+                                                                                                      twin[i])
 
 
 @pytest.mark.slow

@@ -36,7 +36,7 @@ from pydantic import ValidationError
 from zoo import registry, sharding
 from zoo.checks import check_params
 from zoo.config import ModelConfig, check_config
-from zoo.model import param_shapes
+from zoo.model import param_shapes, quantized_weights
 from zoo.version import __version__
 from zoo.errors import ZooError
 
@@ -579,7 +579,8 @@ def load(directory: str | os.PathLike, step: int | None = None, *, dtype: Any = 
 
     Params are restored into abstract targets built from the stored config (``jax.eval_shape``),
     in their saved dtypes, checked against the recorded content hash, then cast to ``dtype``
-    when given. With a ``mesh`` each device reads only its own shards, laid out as the stored
+    when given (the arrays of quantised weights keep their dtypes, ``cast_params``). With a ``mesh``
+    each device reads only its own shards, laid out as the stored
     ``parallel`` section (updated with ``parallel``, and with the mesh's axis sizes) asks; the
     returned config carries that section. Any mesh works, whatever the checkpoint was saved on.
     ``TypeError``, before anything is read, for a ``directory`` that is not a path, a ``step`` that is not an
@@ -635,5 +636,17 @@ def load(directory: str | os.PathLike, step: int | None = None, *, dtype: Any = 
         raise CheckpointError(f"step {step} of {root} is corrupted: its parameters do not match the content hash "
                               f"recorded when it was saved")
     if dtype is not None:
-        params = jax.tree_util.tree_map(lambda x: x.astype(jnp.dtype(dtype)), params)
+        params = cast_params(config, params, dtype)
     return config, params
+
+
+def cast_params(config: ModelConfig, params: Any, dtype: Any) -> Any:
+    """``params`` with every float parameter cast to ``dtype``, except the arrays of the weights that
+    ``config.quantization`` stores quantised (``zoo.model.quantized_weights``): those keep their dtypes."""
+    kept = quantized_weights(config)
+
+    def cast(path: tuple, x: Any) -> Any:
+        keys = tuple(getattr(k, "key", k) for k in path)
+        return x if any(keys[:len(w)] == w for w in kept) else x.astype(jnp.dtype(dtype))
+
+    return jax.tree_util.tree_map_with_path(cast, params)

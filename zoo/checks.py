@@ -36,11 +36,15 @@ def check_seed(seed: int) -> int:
     return check_int(seed, "seed", 0, 2**32, "2**32")
 
 
-def _expected_params(config: ModelConfig) -> tuple[Any, tuple[tuple[int, ...], ...], dict[str, tuple[int, ...]]]:
+Layout = dict[str, tuple[tuple[int, ...], Any]]
+
+
+def _expected_params(config: ModelConfig) -> tuple[Any, tuple[tuple[tuple[int, ...], Any], ...], Layout]:
     shapes = param_shapes(config)
     leaves, treedef = jax.tree_util.tree_flatten(shapes)
-    layout = {jax.tree_util.keystr(path): leaf.shape for path, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0]}
-    return treedef, tuple(leaf.shape for leaf in leaves), layout
+    layout = {jax.tree_util.keystr(path): (leaf.shape, leaf.dtype)
+              for path, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0]}
+    return treedef, tuple((leaf.shape, leaf.dtype) for leaf in leaves), layout
 
 
 @functools.cache
@@ -48,22 +52,28 @@ def _floating(dtype: Any) -> bool:
     return jnp.issubdtype(dtype, jnp.floating)
 
 
+def _fits(dtype: Any, expected: Any) -> bool:
+    """Any float dtype where the config has a float parameter; exactly ``expected`` otherwise (a quantizer's int8)."""
+    return _floating(dtype) if _floating(expected) else jnp.dtype(dtype) == jnp.dtype(expected)
+
+
 def check_params(config: ModelConfig | str, params: Any) -> None:
     """``TypeError``/``ValueError`` naming the first path of ``params`` that is missing, not a parameter of
-    ``config``, of another shape, or not a float array; nothing when ``params`` fits (any float dtype).
+    ``config``, of another shape, or of another dtype; nothing when ``params`` fits (any float dtype for a float
+    parameter, the config's own dtype, such as int8, for the arrays of a quantised weight).
 
     Compares tree structure and shapes with the config's abstract tree (cached per config), so it is cheap
     enough for every ``step`` call."""
-    treedef, shapes, layout = compiled.per_config(_expected_params, config)
+    treedef, expected, layout = compiled.per_config(_expected_params, config)
     leaves, got = jax.tree_util.tree_flatten(params)
-    if got == treedef and all(getattr(leaf, "shape", None) == shape and _floating(leaf.dtype)
-                              for leaf, shape in zip(leaves, shapes)):
+    if got == treedef and all(getattr(leaf, "shape", None) == shape and _fits(leaf.dtype, dtype)
+                              for leaf, (shape, dtype) in zip(leaves, expected)):
         return
     if not isinstance(params, Mapping):
         raise TypeError(f"params must be the dict of arrays from zoo.init_params or zoo.load, "
                         f"got {type(params).__name__}")
     found = {jax.tree_util.keystr(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
-    for path, shape in layout.items():
+    for path, (shape, dtype) in layout.items():
         if path not in found:
             raise ValueError(f"params{path} is missing: this config needs it with shape {shape} (were the params "
                              f"made for another config?)")
@@ -72,8 +82,10 @@ def check_params(config: ModelConfig | str, params: Any) -> None:
             raise TypeError(f"params{path} must be an array, got {type(leaf).__name__}")
         if tuple(leaf.shape) != shape:
             raise ValueError(f"params{path} has shape {tuple(leaf.shape)}; this config needs {shape}")
-        if not _floating(leaf.dtype):
-            raise ValueError(f"params{path} has dtype {leaf.dtype}; parameters must be float arrays")
+        if not _fits(leaf.dtype, dtype):
+            raise ValueError(f"params{path} has dtype {leaf.dtype}; " + (
+                "parameters must be float arrays" if _floating(dtype) else
+                f"this config stores it as {dtype} (a weight its quantization stores quantised)"))
     extra = next((path for path in found if path not in layout), None)
     if extra is not None:
         raise ValueError(f"params{extra} is not a parameter of this config (were the params made for another "

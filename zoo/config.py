@@ -249,28 +249,49 @@ class BackendConfig(ZooModel):
 
     @model_validator(mode="after")
     def _validate_kwargs(self) -> BackendConfig:
-        model = registry.entry("cell", self.name).metadata.get("kwargs_model")
-        if model is None:
-            if self.kwargs:
-                raise_errors("BackendConfig", [(("kwargs",), f"cell {self.name!r} takes no kwargs", self.kwargs)])
-            return self
-        options = ", ".join(model.model_fields) or "none"
-        unknown = [key for key in self.kwargs if key not in model.model_fields]
-        if unknown:
-            raise_errors("BackendConfig", [(("kwargs", key), f"cell {self.name!r} has no option {key!r}; its options: "
-                                                             f"{options}", self.kwargs[key]) for key in unknown])
-        try:
-            parsed = model.model_validate(self.kwargs, strict=True)
-        except ValidationError as exc:
-            errors = {}  # one error per option: a union reports one per branch, under a branch-named loc
-            for e in exc.errors():
-                key = e["loc"][:1]
-                if key in errors and key[0] in model.model_fields:
-                    errors[key] = (errors[key][0], _allowed(model, key[0]), errors[key][2])
-                elif key not in errors:
-                    errors[key] = (("kwargs", *key), e["msg"], e.get("input"))
-            raise_errors("BackendConfig", list(errors.values()))
-        object.__setattr__(self, "kwargs", parsed.model_dump(mode="json"))
+        object.__setattr__(self, "kwargs", plugin_kwargs("cell", self.name, self.kwargs, "BackendConfig"))
+        return self
+
+
+def plugin_kwargs(kind: str, name: str, kwargs: dict[str, Any], title: str) -> dict[str, Any]:
+    """``kwargs`` of plugin ``name`` of ``kind`` validated strictly by its ``kwargs_model`` and dumped to JSON with
+    every default; a pydantic ``ValidationError`` (titled ``title``) naming each bad option otherwise."""
+    model = registry.entry(kind, name).metadata.get("kwargs_model")
+    if model is None:
+        if kwargs:
+            raise_errors(title, [(("kwargs",), f"{kind} {name!r} takes no kwargs", kwargs)])
+        return kwargs
+    options = ", ".join(model.model_fields) or "none"
+    unknown = [key for key in kwargs if key not in model.model_fields]
+    if unknown:
+        raise_errors(title, [(("kwargs", key), f"{kind} {name!r} has no option {key!r}; its options: "
+                                               f"{options}", kwargs[key]) for key in unknown])
+    try:
+        parsed = model.model_validate(kwargs, strict=True)
+    except ValidationError as exc:
+        errors = {}  # one error per option: a union reports one per branch, under a branch-named loc
+        for e in exc.errors():
+            key = e["loc"][:1]
+            if key in errors and key[0] in model.model_fields:
+                errors[key] = (errors[key][0], _allowed(model, key[0]), errors[key][2])
+            elif key not in errors:
+                errors[key] = (("kwargs", *key), e["msg"], e.get("input"))
+        raise_errors(title, list(errors.values()))
+    return parsed.model_dump(mode="json")
+
+
+class QuantizationConfig(ZooModel):
+    """Weight-only quantisation: which quantizer stores the selected weights, and its options."""
+
+    method: PluginName("quantizer")
+    """A registered quantizer (``int8``; see `zoo plugins`)."""
+    kwargs: dict[str, Any] = {}
+    """Options of the quantizer, checked by its own kwargs model."""
+
+    @model_validator(mode="after")
+    def _validate_kwargs(self) -> QuantizationConfig:
+        object.__setattr__(self, "kwargs", plugin_kwargs("quantizer", self.method, self.kwargs,
+                                                         "QuantizationConfig"))
         return self
 
 
@@ -633,6 +654,8 @@ class ModelConfig(ZooModel):
     """Soft cap c·tanh(x/c) of the logits (None: no cap)."""
     lm_head_dtype: DType = "float32"
     """Compute dtype of the LM head."""
+    quantization: QuantizationConfig | None = None
+    """Weight-only quantisation of the projections (``zoo quantize`` sets it); None: float32 params."""
 
     @model_validator(mode="before")
     @classmethod

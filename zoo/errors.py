@@ -20,6 +20,12 @@ class                       where                       built-in base
 ``UnknownPluginError``      ``zoo.registry``            ``LookupError``
 ``ContractError``           ``zoo.registry.contracts``  ``ValueError``
 ``CellError``               ``zoo.nn.cell``             ``RuntimeError``
+``KernelError``             ``zoo.kernels.int8``        ``ValueError``
+``QuantizationError``       ``zoo.quantization``        ``ValueError``
+``TrainError``              ``zoo.train.loop``          ``ValueError``
+``EngineError``             ``zoo.inference.engine``    ``RuntimeError``
+``ServeError``              ``zoo.serve.server``        ``ValueError``
+``ApiError``                ``zoo.serve.protocol``      ``ValueError``
 ==========================  ==========================  ================
 """
 

@@ -70,6 +70,7 @@ def architecture(config_json: dict[str, Any]) -> dict[str, Any]:
         "lm_head_dtype": config_json.get("lm_head_dtype"),
         "tie_weights": config_json.get("tie_weights"),
         "scan_blocks": config_json.get("scan_blocks"),
+        "quantization": config_json.get("quantization"),
     }
 
 
@@ -83,6 +84,28 @@ def parameters(layout: dict[str, tuple[tuple[int, ...], str]], source: str) -> d
         entry["bytes"] += count * jnp.dtype(dtype).itemsize
     return {"source": source, "count": sum(e["count"] for e in by_dtype.values()),
             "bytes": sum(e["bytes"] for e in by_dtype.values()), "by_dtype": dict(sorted(by_dtype.items()))}
+
+
+def decoding(config_json: dict[str, Any], layout: dict[str, tuple[tuple[int, ...], str]] | None,
+             platform: str | None = None) -> dict[str, Any]:
+    """How ``zoo.generate``, ``zoo.step`` and the engine decode this model on ``platform`` (default: JAX's default
+    backend here): the compute dtypes and block layout of the decode layout, and the bytes it adds to the params of
+    ``layout`` (docs/decoding.md), read from the config JSON."""
+    import jax
+
+    from zoo.decode_layout import EMULATED_DTYPES, decode_extra_bytes
+
+    platform = platform or jax.default_backend()
+    cell = config_json.get("mlstm_block", {}).get("mlstm", {}).get("mlstm_cell", {})
+
+    def run_as(dtype: Any) -> Any:
+        return "float32" if dtype in EMULATED_DTYPES.get(platform, ()) else dtype
+
+    return {"platform": platform, "dtype": run_as(config_json.get("dtype")),
+            "lm_head_dtype": run_as(config_json.get("lm_head_dtype")),
+            "gate_dtype": run_as(cell.get("gate_dtype", "float32")),
+            "scan_blocks": bool(config_json.get("scan_blocks")) and platform != "cpu",
+            "extra_bytes": None if layout is None else decode_extra_bytes(layout, platform)}
 
 
 def _config_layout(config: Any) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -144,11 +167,13 @@ def _checkpoint(root: Path, step: int | None) -> dict[str, Any]:
     _, config_json, metadata = read_stored(root, where.step)
     config, error = _validated(config_json)
     info = _base("checkpoint", root, config_json)
+    layout = param_layout(root, where.step)
     info.update({
         "steps": where.steps,
         "step": where.step,
         "best_step": where.best,
-        "parameters": parameters(param_layout(root, where.step), "stored"),
+        "parameters": parameters(layout, "stored"),
+        "decoding": decoding(config_json, layout),
         "plugins": _recorded_plugins(metadata) if "plugins" in metadata
         else _plugins_of(config) if config is not None else [],
         "config_error": error,
@@ -213,6 +238,7 @@ def _artifact(root: Path) -> dict[str, Any]:
         params = parameters(_config_layout(config), "config") if config is not None else None
     info.update({
         "parameters": params,
+        "decoding": None,  # an artifact's prefill and step compute as its manifest's decode_compute says
         "plugins": _plugins_of(config) if config is not None else [],
         "config_error": error,
         "versions": _suffixed(manifest, "_version"),
@@ -236,10 +262,12 @@ def _config(source: str, path: Path | None) -> dict[str, Any]:
 
     config = load_config(source)
     config_json = config.model_dump(mode="json")
+    layout = _config_layout(config)
     info = _base("config", path, config_json)
     info.update({
         "preset": source if path is None else None,
-        "parameters": parameters(_config_layout(config), "config"),
+        "parameters": parameters(layout, "config"),
+        "decoding": decoding(config_json, layout),
         "plugins": _plugins_of(config),
         "config_error": None,
         "versions": {},
@@ -267,11 +295,16 @@ def rows(info: dict[str, Any]) -> list[tuple[str, str]]:
     out.append(("architecture", f"{arch['layer_type']}, {arch['num_blocks']} blocks, embedding_dim "
                                 f"{arch['embedding_dim']}, {arch['num_heads']} heads, vocab_size {arch['vocab_size']}, "
                                 f"context_length {arch['context_length']}, dtype {arch['dtype']}"))
+    if arch.get("quantization"):
+        quantization = arch["quantization"]
+        out.append(("quantization", f"{quantization.get('method')} {json.dumps(quantization.get('kwargs', {}))}"))
     params = info.get("parameters")
     if params:
         split = ", ".join(f"{d} {v['count']:,}" for d, v in params["by_dtype"].items())
         out.append(("parameters", f"{params['count']:,} ({split}); {format_bytes(params['bytes'])}"
                                   f"{'' if params['source'] == 'stored' else ' as zoo.init_params makes them'}"))
+    if info.get("decoding"):
+        out.append(("decoding", decoding_text(info["decoding"])))
     if info.get("config_error"):
         out.append(("config error", info["config_error"]))
     groups: dict[tuple[str, str, bool], list[str]] = {}
@@ -299,6 +332,18 @@ def rows(info: dict[str, Any]) -> list[tuple[str, str]]:
                               "content sha256"))
     out += [("[yellow]problem[/]", escape(problem)) for problem in info.get("problems", [])]
     return out
+
+
+def decoding_text(decoding: dict[str, Any]) -> str:
+    """The ``decoding`` field of ``describe_path``'s dict in one line."""
+    from zoo.summary import format_bytes
+
+    extra = decoding.get("extra_bytes")
+    memory = "" if extra is None else (
+        f"; {format_bytes(extra)} more memory (float32 copies of the low-precision params)" if extra
+        else "; no memory beyond the params")
+    return (f"on {decoding['platform']}: {decoding['dtype']} compute, "
+            f"{'scanned' if decoding['scan_blocks'] else 'per block'}{memory} (docs/decoding.md)")
 
 
 def tokenizer_text(tokenizer: dict[str, Any]) -> str:

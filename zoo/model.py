@@ -19,9 +19,11 @@ from zoo import compiled
 from zoo.config import ModelConfig, check_config
 from zoo.nn.blocks import RESIDUAL_AXES, ResidualBlock
 from zoo.nn.factories import initializer, make_norm, partitioned
+from zoo.nn.quant import quantized
 
 Params = dict[str, Any]
-"""A parameter tree: nested dicts of float arrays, as ``zoo.init_params`` and ``zoo.load`` return it."""
+"""A parameter tree: nested dicts of float arrays, as ``zoo.init_params`` and ``zoo.load`` return it (with
+``quantization``, a quantised weight is a dict of arrays in its place, such as int8's values and scale)."""
 State = dict[str, jax.Array]
 """The decoding state: float32 arrays whose leading axis is the block (``c``, ``n``, ``m``, and ``conv``
 for ``mlstm``)."""
@@ -37,14 +39,21 @@ class LMModel(nn.Module):
     ``mlstm``); ``prefill`` starts from zeros when no state is given. ``lengths (B,)`` int32 marks a
     right-padded ragged batch: row b's real tokens are its first ``lengths[b]``, every later position
     leaves the state untouched (its logits are finite and meaningless), and the returned state of row b
-    is the one after its last real token.
+    is the one after its last real token. ``logits_at (B,)`` int32 runs the head at one position per row only:
+    logits ``(B, 1, vocab_size)``.
     """
 
     config: ModelConfig
 
-    @nn.compact
     def __call__(self, tokens: jax.Array, document_borders: jax.Array | None = None, deterministic: bool = True,
-                 mode: str = "forward", state: Any = None, lengths: jax.Array | None = None):
+                 mode: str = "forward", state: Any = None, lengths: jax.Array | None = None,
+                 logits_at: jax.Array | None = None):
+        with quantized(self.config.quantization):  # the selected weights in the quantizer's form
+            return self._layers(tokens, document_borders, deterministic, mode, state, lengths, logits_at)
+
+    @nn.compact
+    def _layers(self, tokens: jax.Array, document_borders: jax.Array | None, deterministic: bool, mode: str,
+                state: Any, lengths: jax.Array | None, logits_at: jax.Array | None = None):
         cfg = self.config
         S = tokens.shape[-1]
         if cfg.context_length > 0 and isinstance(S, int) and S > cfg.context_length:  # S is symbolic in exports
@@ -75,6 +84,8 @@ class LMModel(nn.Module):
                 states.append(block_state)
             new_state = None if mode == "forward" else jax.tree_util.tree_map(lambda *a: jnp.stack(a), *states)
         x = nn.with_logical_constraint(x, RESIDUAL_AXES)
+        if logits_at is not None:
+            x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)
         if cfg.add_post_blocks_norm:
             x = make_norm(cfg.norm_type, cfg.norm_eps, dtype, name="out_norm")(x)
         head_dtype = jnp.dtype(cfg.lm_head_dtype)
@@ -120,6 +131,24 @@ def param_shapes(config: ModelConfig) -> Params:
 def param_count(config: ModelConfig) -> int:
     """Number of parameters, computed abstractly (``TypeError`` for a ``config`` that is not a ``ModelConfig``)."""
     return sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(param_shapes(config)))
+
+
+def _paths(tree: Any) -> list[tuple[str, ...]]:
+    return [tuple(k.key for k in path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def _quantized_weights(config: ModelConfig) -> tuple[tuple[str, ...], ...]:
+    if config.quantization is None:
+        return ()
+    stored = set(_paths(param_shapes(config)))
+    return tuple(p for p in _paths(param_shapes(config.model_copy(update={"quantization": None}))) if p not in stored)
+
+
+def quantized_weights(config: ModelConfig) -> tuple[tuple[str, ...], ...]:
+    """The paths (tuples of keys, e.g. ``("blocks_0", "xlstm", "proj_up", "kernel")``) of the weights that
+    ``config.quantization`` stores in its quantizer's form: in ``param_shapes(config)`` each is a dict of arrays
+    where the float model has one array. Empty without quantisation; computed abstractly, cached per config."""
+    return compiled.per_config(_quantized_weights, check_config(config))
 
 
 def _decode_state_shapes(config: ModelConfig, batch_size: int) -> State:

@@ -17,6 +17,7 @@ from zoo import compiled, sharding
 from zoo.checks import (
     check_borders, check_int, check_lengths, check_params, check_seed, check_state, check_tokens)
 from zoo.config import ModelConfig, check_config
+from zoo.decode_layout import decode_layout, prefill_config
 from zoo.model import Params, State, build, decode_state_shapes, init_fn
 
 
@@ -43,7 +44,8 @@ def init_params(config: ModelConfig, seed: int = 0, mesh: Mesh | None = None) ->
 
 def apply(config: ModelConfig, params: Params, tokens: jax.Array, document_borders: jax.Array | None = None, *,
           mode: str = "forward", state: State | None = None, mesh: Mesh | None = None,
-          dropout_rng: jax.Array | None = None, lengths: jax.Array | None = None) -> Any:
+          dropout_rng: jax.Array | None = None, lengths: jax.Array | None = None,
+          logits_at: jax.Array | None = None) -> Any:
     """The model's one call, to be traced inside ``jax.jit`` or ``jax.export`` (no input checks here).
 
     ``tokens`` are int32 ``(B, S)``, or ``(B,)`` in ``step`` mode. Returns logits ``(B, S, V)`` float32 in
@@ -52,6 +54,8 @@ def apply(config: ModelConfig, params: Params, tokens: jax.Array, document_borde
     mapped onto it and FSDP shards are cast to ``fsdp_gather_dtype``. With ``dropout_rng`` the model runs in
     training mode (the config's dropout applies); otherwise it is deterministic. ``lengths (B,)`` int32 makes
     ``tokens`` a right-padded ragged batch (see ``prefill``); None traces exactly the call without it.
+    ``logits_at (B,)`` int32 (``forward``/``prefill``) runs the head at that position of each row only: logits
+    ``(B, 1, V)``.
     """
     model = build(config)
     train = dropout_rng is not None
@@ -59,7 +63,8 @@ def apply(config: ModelConfig, params: Params, tokens: jax.Array, document_borde
         params = sharding.cast_for_gather(config, mesh, params)
         out = model.apply({"params": params}, tokens[:, None] if mode == "step" else tokens, document_borders,
                           deterministic=not train, mode=mode, state=state, lengths=lengths,
-                          rngs={"dropout": dropout_rng} if train else None)
+                          rngs={"dropout": dropout_rng} if train else None,
+                          **({} if logits_at is None else {"logits_at": logits_at}))
     if mode == "step":
         logits, state = out
         return logits[:, 0], state
@@ -117,6 +122,9 @@ def prefill(config: ModelConfig, params: Params, tokens: Any, state: State | Non
     (0 will do). Each row matches its prompt run alone up to float rounding (about 1e-6 relative).
     ``lengths=None`` runs the rectangular batch exactly as before.
 
+    On a CPU it computes in float32 where the config says bfloat16 or float16, as ``step`` does (decoding
+    runs the decode layout's dtypes, docs/decoding.md; ``forward`` computes as the config says).
+
     ``context_length`` (when > 0) bounds the prompt: each call takes at most ``context_length`` tokens,
     while decoding with ``step`` (or a further ``prefill`` from the returned state) may continue past it,
     since the state has a fixed size. Raises ``TokenError`` (a ``ValueError``) as ``forward`` does: a
@@ -132,14 +140,18 @@ def prefill(config: ModelConfig, params: Params, tokens: Any, state: State | Non
     lengths = check_lengths(lengths, tokens.shape)
     if state is not None:
         check_state(key, state, tokens.shape[0])
-    return _run(config, key, "prefill", params, tokens, check_borders(document_borders, tokens.shape), state,
-                lengths)
+    borders = check_borders(document_borders, tokens.shape)
+    run_as = prefill_config(config, params)
+    return _run(run_as, key if run_as is config else compiled.config_json(run_as), "prefill", params, tokens,
+                borders, state, lengths)
 
 
 def step(config: ModelConfig, params: Params, token: Any, state: State) -> tuple[jax.Array, State]:
     """Decode one token per sequence (``token (B,)``) through ``mlstm_cell.step_backend``.
 
     Returns logits ``(B, vocab_size)`` and the new state. ``context_length`` does not limit ``step``.
+    It runs in the decode layout (``zoo.decode_layout``, docs/decoding.md): on a CPU in float32 compute and per
+    block whatever the config's ``dtype`` and ``scan_blocks``, within the tolerances of docs/numerics.md §9.
 
     Raises ``TokenError`` (a ``ValueError``) for a token that is not a non-empty integer ``(B,)`` array, and
     for an id outside ``[0, vocab_size)`` when the token is host data (a list or NumPy array). A jax.Array
@@ -154,7 +166,35 @@ def step(config: ModelConfig, params: Params, token: Any, state: State) -> tuple
     check_params(key, params)
     token = check_tokens(config, token, 1, "token", prompt=False)
     check_state(key, state, token.shape[0])
-    return _run(config, key, "step", params, token, None, state)
+    target, params = decode_layout(config, params)
+    return _run(target, key if target is config else compiled.config_json(target), "step", params, token, None, state)
+
+
+def _make_prefill_next(config: ModelConfig, mesh: Mesh | None):
+    def run(params, tokens, state, lengths):
+        last = (jnp.full(tokens.shape[:1], tokens.shape[1], jnp.int32) if lengths is None else lengths) - 1
+        logits, state = apply(config, params, tokens, mode="prefill", state=state, mesh=mesh, lengths=lengths,
+                              logits_at=last)
+        return logits[:, 0], state
+
+    return jax.jit(run)
+
+
+def prefill_next(config: ModelConfig, params: Params, tokens: Any, lengths: Any = None,
+                 state: State | None = None) -> tuple[jax.Array, State]:
+    """``prefill`` for decoding: each row's next-token logits ``(B, vocab_size)`` float32 (at position
+    ``lengths[b] - 1``, or the last one) and the decoding state. The same as ``prefill`` there, but the LM head
+    runs at those positions only (it costs ``2·S·D·V`` FLOPs over the whole prompt, a third of a 165M model's
+    prefill at S=128). Arguments and errors as ``prefill``'s."""
+    key = compiled.config_json(check_config(config))
+    check_params(key, params)
+    tokens = check_tokens(config, tokens, 2, "tokens", prompt=True)
+    lengths = check_lengths(lengths, tokens.shape)
+    if state is not None:
+        check_state(key, state, tokens.shape[0])
+    mesh, (tokens, lengths) = sharding.place_batch(config, params, tokens, lengths)
+    run_as = prefill_config(config, params)
+    return compiled.compiled(_make_prefill_next, run_as, mesh)(params, tokens, state, lengths)
 
 
 def init_decode_state(config: ModelConfig, batch_size: int) -> State:

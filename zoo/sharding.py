@@ -222,8 +222,8 @@ def cast_for_gather(config: ModelConfig, mesh: Mesh | None, params: Any) -> Any:
     dtype = jnp.dtype(parallel.fsdp_gather_dtype)
 
     def cast(placement: Placement, x: jax.Array) -> jax.Array:
-        if parallel.fsdp_axis_name not in _mesh_axes(placement.spec):
-            return x
+        if parallel.fsdp_axis_name not in _mesh_axes(placement.spec) or not jnp.issubdtype(x.dtype, jnp.floating):
+            return x  # the int8 values of a quantised weight travel as they are
         return jax.lax.with_sharding_constraint(x.astype(dtype), NamedSharding(mesh, placement.spec))
 
     return jax.tree_util.tree_map(cast, param_placements(config, mesh_sizes(config, mesh)), params,

@@ -55,7 +55,7 @@ def params_by_module(shapes: Any) -> dict[str, int]:
 
 
 def params_table(config: ModelConfig, shapes: Any) -> Table:
-    """Parameters per module (per block and over all blocks) and in total, with float32 bytes."""
+    """Parameters per module (per block and over all blocks) and in total, with their bytes and dtypes."""
     counts = params_by_module(shapes)
     total = sum(counts.values())
     nb = config.num_blocks
@@ -69,7 +69,9 @@ def params_table(config: ModelConfig, shapes: Any) -> Table:
         label = f"{group} (×{nb})" if group.startswith("blocks/") else group
         table.add_row(label, per_block, f"{count:,}", f"{100 * count / total:.1f}%")
     table.add_section()
-    table.add_row("total", "", f"{total:,}", f"{format_bytes(4 * total)} float32")
+    dtypes = sorted({str(leaf.dtype) for leaf in jax.tree_util.tree_leaves(shapes)})
+    stored = sum(math.prod(leaf.shape) * leaf.dtype.itemsize for leaf in jax.tree_util.tree_leaves(shapes))
+    table.add_row("total", "", f"{total:,}", f"{format_bytes(stored)} {' + '.join(dtypes)}")
     return table
 
 

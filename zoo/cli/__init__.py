@@ -5,7 +5,9 @@
 - ``zoo train CONFIG_OR_CKPT``: train a preset or config, or fine-tune a checkpoint, on text (``--data``); resumable.
 - ``zoo generate CHECKPOINT``: continue ``--prompt-ids`` with a saved model, greedy or sampled.
 - ``zoo run ARTIFACT``: smoke-test an export artifact or a checkpoint: next-token logits and a greedy continuation.
+- ``zoo serve PATH``: serve a checkpoint or a StableHLO artifact over HTTP with OpenAI's completions API.
 - ``zoo export CHECKPOINT``: write a serving artifact (StableHLO, a TF SavedModel, or a format a plugin adds).
+- ``zoo quantize CHECKPOINT``: write a quantised copy of a checkpoint (int8 weights) that every command takes.
 - ``zoo info PATH``: describe a checkpoint, an export artifact or a config (``--json``: docs/info.md).
 - ``zoo plugins``: list the registered names per kind with their origins, conflicts and plugins that failed.
 - ``zoo presets``: list the shipped presets with their sizes, or print one preset's JSON (``--show``).
@@ -15,9 +17,10 @@
 - ``zoo convert to-torch CHECKPOINT``: write an mlstm_v1 zoo checkpoint in xlstm_large format.
 
 One module per command group: ``model`` (validate, build, info, presets, schema), ``train`` (train),
-``inference`` (generate, run), ``artifacts`` (export, convert), ``plugins`` (plugins, check-backends), and
-``common`` (the consoles, one-line usage and input errors, Ctrl-C, shared options). Exit codes: 0 done, 1 a failed
-check (check-backends), 2 bad input (one line on stderr, from ``bad_input_exits`` or a usage error), 130 Ctrl-C.
+``inference`` (generate, run), ``serve`` (serve), ``artifacts`` (export, convert), ``quantization`` (quantize),
+``plugins`` (plugins, check-backends), and ``common`` (the consoles, one-line usage and input errors, Ctrl-C, shared
+options). Exit codes: 0 done, 1 a failed check (check-backends), 2 bad input (one line on stderr, from
+``bad_input_exits`` or a usage error), 130 Ctrl-C.
 Their functions are named ``*_command``: none shadows a library name such as ``zoo.build`` or ``zoo.generate``.
 """
 
@@ -38,12 +41,15 @@ from zoo.cli.common import (EXIT_BAD_INPUT, EXIT_INTERRUPTED, UNBOUNDED_WIDTH, I
 from zoo.cli.inference import generate_command, run_command
 from zoo.cli.model import build_command, info_command, presets_command, schema_command, validate_command
 from zoo.cli.plugins import check_backends_command, plugins_command
+from zoo.cli.quantization import quantize_command
+from zoo.cli.serve import serve_command
 from zoo.cli.train import train_command
 
 __all__ = ["EXIT_BAD_INPUT", "EXIT_INTERRUPTED", "UNBOUNDED_WIDTH", "Interrupted", "app", "bad_input_exits",
            "build_command", "check_backends_command", "convert_to_torch_command", "convert_torch_command", "err",
            "export_command", "fail", "generate_command", "info_command", "main", "out", "plugins_command",
-           "presets_command", "run_command", "schema_command", "train_command", "validate_command"]
+           "presets_command", "quantize_command", "run_command", "schema_command", "serve_command", "train_command",
+           "validate_command"]
 
 app = typer.Typer(
     cls=OneLineUsageErrors,
@@ -61,7 +67,9 @@ app.command("build")(build_command)
 app.command("train")(train_command)
 app.command("generate")(generate_command)
 app.command("export")(export_command)
+app.command("quantize")(quantize_command)
 app.command("run")(run_command)
+app.command("serve")(serve_command)
 app.command("check-backends")(check_backends_command)
 app.command("plugins")(plugins_command)
 app.command("presets")(presets_command)

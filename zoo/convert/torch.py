@@ -846,6 +846,9 @@ def xlstm_large_config(config: ModelConfig) -> dict[str, Any]:
     if layer.layer_type != "mlstm_v1":
         _refuse("mlstm_block.mlstm.layer_type", layer.layer_type,
                 "to-torch writes xlstm_large, which holds mlstm_v1 models only")
+    if config.quantization is not None:
+        _refuse("quantization.method", config.quantization.method,
+                "xlstm_large holds float weights; convert the float checkpoint this one was quantised from")
     checks = [
         ("norm_type", config.norm_type, "rmsnorm"),
         ("mlstm_block.mlstm.mlstm_cell.norm_type_v1", cell.norm_type_v1, "layernorm"),

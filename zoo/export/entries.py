@@ -20,6 +20,7 @@ from jax import export
 
 from zoo import registry
 from zoo.config import ModelConfig
+from zoo.decode_layout import decode_config
 from zoo.errors import ZooError
 from zoo.model import decode_state_shapes
 from zoo.runtime import apply
@@ -75,14 +76,17 @@ def check_request(config: ModelConfig, entries: Sequence[str], platforms: Sequen
                               f"{', '.join(declared)}; it cannot be lowered for {missing}")
 
 
-def make_entries(config: ModelConfig, names: Sequence[str], static: tuple[int, int] | None = None) -> list[Entry]:
+def make_entries(config: ModelConfig, names: Sequence[str], static: tuple[int, int] | None = None,
+                 platforms: Sequence[str] = ()) -> list[Entry]:
     """The requested entries, with symbolic batch ``b`` and sequence ``s`` unless ``static=(B, S)``.
 
     ``forward(params, tokens (B, S))`` returns logits ``(B, S, V)``; ``prefill(params, tokens (B, S), lengths (B,))``
     logits ``(B, S, V)`` and the state, for right-padded rows of ``lengths`` real tokens (pass ``S`` for every
     row of a rectangular batch); ``step(params, token (B,), state)`` logits ``(B, V)`` and the new state, the
-    contract of ``zoo.forward``, ``zoo.prefill(..., lengths=...)`` and ``zoo.step``.
+    contract of ``zoo.forward``, ``zoo.prefill(..., lengths=...)`` and ``zoo.step``. Prefill and step compute in
+    ``decode_entry_config(config, platforms)``'s dtypes.
     """
+    decoding = decode_entry_config(config, platforms)
     b, s = batch_and_sequence(static)
     state = abstract_state(config, b)
     tokens = jax.ShapeDtypeStruct((b, s), jnp.int32)
@@ -90,12 +94,22 @@ def make_entries(config: ModelConfig, names: Sequence[str], static: tuple[int, i
 
     every = {
         "forward": Entry("forward", lambda p, t: apply(config, p, t), (tokens,), ("tokens",)),
-        "prefill": Entry("prefill", lambda p, t, n: apply(config, p, t, mode="prefill", lengths=n), (tokens, lengths),
+        "prefill": Entry("prefill", lambda p, t, n: apply(decoding, p, t, mode="prefill", lengths=n), (tokens, lengths),
                          ("tokens", "lengths")),
-        "step": Entry("step", lambda p, t, st: apply(config, p, t, mode="step", state=st),
+        "step": Entry("step", lambda p, t, st: apply(decoding, p, t, mode="step", state=st),
                       (jax.ShapeDtypeStruct((b,), jnp.int32), state), ("token", "state")),
     }
     return [every[name] for name in names]
+
+
+def decode_entry_config(config: ModelConfig, platforms: Sequence[str]) -> ModelConfig:
+    """The config the exported ``prefill`` and ``step`` entries run: for an artifact lowered for ``cpu`` alone, in
+    float32 where the config computes in bfloat16 or float16, as ``zoo.prefill`` and ``zoo.step`` decode on a CPU
+    (docs/decoding.md); otherwise the config itself. The blocks keep the config's layout (``scan_blocks``), since
+    the entries of an artifact share one parameter tree; ``forward`` always computes as the config says."""
+    if tuple(platforms) != ("cpu",):
+        return config
+    return decode_config(config, "cpu", unscanned=False)
 
 
 def batch_and_sequence(static: tuple[int, int] | None) -> tuple[Any, Any]:
@@ -151,4 +165,10 @@ def common_manifest(config: ModelConfig, fmt: str, platforms: Sequence[str], ent
         "vocab_size": config.vocab_size,
         "state_structure": leaf_specs(abstract_state(config, batch_and_sequence(static)[0]), "state")
         if stateful else [],
+        **({"decode_compute": _compute_dtypes(decode_entry_config(config, platforms))} if stateful else {}),
     }
+
+
+def _compute_dtypes(config: ModelConfig) -> dict[str, str]:
+    """The compute dtypes of ``config`` (manifest field ``decode_compute``: how ``prefill`` and ``step`` compute)."""
+    return {"dtype": config.dtype, "lm_head_dtype": config.lm_head_dtype, "gate_dtype": config.cell.gate_dtype}

@@ -107,7 +107,7 @@ def export_savedmodel(config: ModelConfig, params: Any, out_dir: str | os.PathLi
     module.params = jax.tree_util.tree_map(lambda x: tf.Variable(np.asarray(x), trainable=False), params)
     signatures: dict[str, Any] = {}
     manifest_signatures: dict[str, Any] = {}
-    for entry in make_entries(config, entries):
+    for entry in make_entries(config, entries, platforms=platforms):
         poly = [None] + [jax.tree_util.tree_map(lambda a: _shape_spec(a.shape), arg) for arg in entry.args]
         converted = jax2tf.convert(entry.fn, polymorphic_shapes=poly, with_gradient=False,
                                    native_serialization_platforms=tuple(platforms))

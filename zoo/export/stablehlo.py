@@ -87,7 +87,7 @@ def export_stablehlo(config: ModelConfig, params: Any, out_dir: str | os.PathLik
         flat = flat_weights(params)
         names, treedef = list(flat), jax.tree_util.tree_structure(params)
         manifest_entries = {}
-        for entry in make_entries(config, entries, static):
+        for entry in make_entries(config, entries, static, platforms):
             if weights == "baked":
                 fn = jax.jit(lambda *a, fn=entry.fn: fn(params, *a))
                 exported = export.export(fn, platforms=tuple(platforms))(*entry.args)

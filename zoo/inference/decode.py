@@ -20,6 +20,7 @@ import numpy as np
 
 from zoo import compiled, runtime, sharding
 from zoo.config import ModelConfig, check_config
+from zoo.decode_layout import decode_layout
 from zoo.inference.batch import pad, per_prompt, prompt_lists
 from zoo.inference.sampling import GenerationError, Sampled, SamplerState, SamplingParams, sample, sampler_state
 from zoo.inference.stopping import OnText, RowOutput, stop_lists
@@ -74,15 +75,8 @@ def _make_step(config: ModelConfig, mesh: Any, num_logprobs: int):
 
 
 def _make_first(config: ModelConfig, mesh: Any, num_logprobs: int):
-    """The first token of each row, from the prefill logits at its last real position."""
-
-    @jax.jit
-    def run(logits, lengths, sampler):
-        last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
-        sampled, sampler = sample(last, sampler, num_logprobs)
-        return last, sampled, sampler
-
-    return run
+    """The first token of each row, from its next-token logits ``(B, V)`` after the prompt."""
+    return jax.jit(lambda last, sampler: sample(last, sampler, num_logprobs))
 
 
 def step_fn(config: ModelConfig, params: Params, num_logprobs: int = 0) -> Callable:
@@ -110,22 +104,39 @@ class Runner(Protocol):
 
 
 class ModelRunner:
-    """``Runner`` of a model in memory: ``zoo.prefill`` with lengths, then the compiled step fused with sampling."""
+    """``Runner`` of a model in memory: a prefill with lengths that runs the LM head at each row's last real
+    position only (``runtime.prefill_next``), then the compiled step fused with sampling.
+
+    Both compute in float32 where the platform emulates the config's dtype (a CPU; docs/decoding.md), and the
+    steps run per block whatever ``scan_blocks`` says, on a view of the params built at the first step and
+    cached for as long as the params live (``zoo.decode_layout``)."""
 
     def __init__(self, config: ModelConfig, params: Params):
         self.config, self.params = config, params
         self.vocab_size, self.context_length = config.vocab_size, config.context_length
         self.mesh = sharding.mesh_of(params)
+        self._decode: tuple[ModelConfig, Params] | None = None
+        self._steps: dict[int, Callable] = {}
+
+    @property
+    def decode(self) -> tuple[ModelConfig, Params]:
+        """The config and params the steps run on (``zoo.decode_layout.decode_layout``)."""
+        if self._decode is None:
+            self._decode = decode_layout(self.config, self.params)
+        return self._decode
 
     def prefill(self, tokens: np.ndarray, lengths: np.ndarray, sampler: SamplerState,
                 num_logprobs: int) -> tuple[Any, Sampled, Any, SamplerState]:
-        logits, state = runtime.prefill(self.config, self.params, tokens, lengths=lengths)
-        last, first, sampler = compiled.compiled(_make_first, self.config, self.mesh, num_logprobs)(
-            logits, lengths, sampler)
+        last, state = runtime.prefill_next(self.config, self.params, tokens, lengths=lengths)
+        first, sampler = compiled.compiled(_make_first, self.config, self.mesh, num_logprobs)(last, sampler)
         return last, first, state, sampler
 
     def step(self, token: Any, state: Any, sampler: SamplerState, num_logprobs: int) -> tuple[Sampled, Any, SamplerState]:
-        return step_fn(self.config, self.params, num_logprobs)(self.params, token, state, sampler)
+        config, params = self.decode
+        fn = self._steps.get(num_logprobs)
+        if fn is None:
+            fn = self._steps[num_logprobs] = step_fn(config, params, num_logprobs)
+        return fn(params, token, state, sampler)
 
 
 @dataclass

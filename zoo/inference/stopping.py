@@ -68,14 +68,34 @@ class RowOutput:
             return self._finish("length")
         self._show(len(pending) - self._unsafe_chars(pending))
 
-    def _unsafe_chars(self, pending: str) -> int:
-        """How many trailing characters may still turn out to belong to a stop sequence (and are held back)."""
-        chars = 0
-        for stop in self.stop_ids:  # the last k tokens may be the start of a token stop sequence
+    def final_tokens(self) -> int:
+        """How many leading tokens can no longer change: their text is wholly shown (with a codec) and they cannot
+        be the start of a token stop sequence."""
+        if self.done:
+            return len(self.tokens)
+        if self.codec is not None:
+            return len(self.tokens) - len(self._held)  # _held: one entry per token whose text is not all shown
+        return len(self.tokens) - self._stop_prefix()
+
+    def end(self, reason: str) -> None:
+        """End the row now (cancelled, timeout, error): the held text is shown."""
+        if not self.done:
+            self._finish(reason)
+
+    def _stop_prefix(self) -> int:
+        """How many of the last tokens may be the start of a token stop sequence."""
+        hold = 0
+        for stop in self.stop_ids:
             for k in range(min(len(stop) - 1, len(self.tokens)), 0, -1):
                 if tuple(self.tokens[-k:]) == stop[:k]:
-                    chars = max(chars, sum(map(len, self._held[-k:])))
+                    hold = max(hold, k)
                     break
+        return hold
+
+    def _unsafe_chars(self, pending: str) -> int:
+        """How many trailing characters may still turn out to belong to a stop sequence (and are held back)."""
+        k = self._stop_prefix()
+        chars = sum(map(len, self._held[-k:])) if k else 0
         for stop in self.stop_texts:  # the text may end with the start of a text stop sequence
             for k in range(min(len(stop) - 1, len(pending)), 0, -1):
                 if pending.endswith(stop[:k]):

@@ -121,6 +121,30 @@ def check_cell(obj: Any, metadata: Mapping[str, Any]) -> list[str]:
     return problems
 
 
+QUANTIZER_METHODS = ("select", "quantize", "dequantize", "axes")
+"""Methods every quantizer instance has (``matmul`` and ``columns`` are optional: ``zoo.nn.quant.Quantizer``)."""
+
+
+def check_quantizer(obj: Any, metadata: Mapping[str, Any]) -> list[str]:
+    """A class built as ``cls(**kwargs)`` (the fields of its ``kwargs_model``) with the methods of
+    ``QUANTIZER_METHODS``, as :mod:`zoo.nn.quant` documents them."""
+    if not isinstance(obj, type):
+        return [f"quantizer must be a class built as cls(**kwargs) with methods {', '.join(QUANTIZER_METHODS)}, "
+                f"got {obj!r}"]
+    problems = []
+    missing = [name for name in QUANTIZER_METHODS if not callable(getattr(obj, name, None))]
+    if missing:
+        problems.append(f"quantizer class must have the methods {', '.join(QUANTIZER_METHODS)}; missing: "
+                        f"{', '.join(missing)}")
+    model = metadata.get("kwargs_model")
+    if isinstance(model, type) and issubclass(model, BaseModel):
+        cannot = cannot_take(obj, keywords=tuple(model.model_fields))
+        if cannot:
+            problems.append(f"quantizer class must be built as cls(**kwargs) with its kwargs_model's fields; it "
+                            f"cannot take: {', '.join(cannot)}")
+    return problems
+
+
 _layer_module = module_class("layer", "config", "num_blocks")
 
 

@@ -22,6 +22,7 @@ from .contracts import (
     check_cell,
     check_layer,
     check_metadata,
+    check_quantizer,
     module_class,
 )
 
@@ -108,6 +109,20 @@ TABLE: dict[str, Kind] = {kind.name: kind for kind in (
         callable_as("exporter", "fn(config, params, out_dir, *, platforms, entries, **options)",
                     "config", "params", "out_dir", keywords=("platforms", "entries")),
         optional=frozenset({"weights"})),
+    Kind(
+        "quantizer", "register_quantizers",
+        """Register weight quantizers, the methods of ``quantization.method`` and ``zoo quantize --method``.
+
+        ``obj`` is a class built as ``cls(**kwargs)`` from ``quantization.kwargs`` (validated by
+        ``kwargs_model``). The model offers it every ``nn.Dense`` kernel and ``nn.Embed`` table as a weight
+        ``W (K, N)`` of ``y = x @ W`` (a table as its transpose ``(D, V)``), named by its module path
+        (``blocks_0/xlstm/proj_up``, ``lm_head``, ``token_embedding``). ``select(path, (K, N)) -> bool`` picks the
+        weights to store quantised; ``quantize(W float32 (K, N)) -> dict`` of arrays is what the checkpoint
+        holds in W's place; ``dequantize(stored) -> (K, N)`` float32 inverts it; ``axes(names) -> dict`` gives
+        the logical axis names of each stored array from W's two names. Optional: ``matmul(x (..., K), stored)
+        -> (..., N)`` in ``x.dtype`` and ``columns(stored, ids) -> (*ids.shape, K)`` (the default dequantises);
+        ``zoo.nn.quant.Quantizer`` documents the contract.""",
+        check_quantizer, optional=frozenset({"kwargs_model"})),
 )}
 """Every plugin kind by name, in the order hooks are called."""
 

@@ -33,6 +33,7 @@ BUILTIN_MODULES = (
     "zoo.plugins.cells.recurrent",
     "zoo.plugins.layers.mlstm",
     "zoo.plugins.layers.mlstm_v1",
+    "zoo.plugins.quantizers.int8",
     "zoo.export.stablehlo",
     "zoo.export.savedmodel",
 )

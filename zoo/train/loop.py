@@ -168,6 +168,9 @@ def _start(model: Any, tc: TrainConfig) -> tuple[ModelConfig, Any, Codec]:
         elif tc.vocab_size is not None:
             codec = data.train_tokenizer(data.read_documents(tc.data), tc.vocab_size)
             config = config.with_overrides({"vocab_size": tc.vocab_size})
+    if config.quantization is not None:
+        raise TrainError(f"{model if found else 'the model'} is quantised ({config.quantization.method}); training "
+                         f"needs float weights: train the float model, then quantise it (zoo quantize)")
     if codec is None:
         raise TrainError(f"no tokenizer for {model if found else 'the model'}: give vocab_size (train one on the "
                          f"data) or tokenizer (a tokenizer.json)")
