@@ -217,6 +217,7 @@ def run(quick: bool) -> dict[str, Any]:
     count, new_tokens, rounds = (16, 24, 1) if quick else (32, 64, 2)
     rng = np.random.default_rng(0)
     requests = [(rng.integers(0, cfg.vocab_size, PROMPT).tolist(), new_tokens) for _ in range(count)]
+    load_start = list(os.getloadavg())
     bandwidth, gflops = bandwidth_gbs(), matmul_gflops()
     table = zoo.param_shapes(cfg)["token_embedding"]["embedding"]
     compute_ceiling = gflops * 1e9 / (2 * (zoo.param_count(cfg) - table.size))  # 2 FLOPs per weight, per token
@@ -236,13 +237,16 @@ def run(quick: bool) -> dict[str, Any]:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 exit_code = proc.wait()
-    print(f"  server start (load + compile): {startup_s:.1f} s; exit after SIGTERM: {exit_code}", flush=True)
+    load_end = list(os.getloadavg())
+    print(f"  server start (load + compile): {startup_s:.1f} s; exit after SIGTERM: {exit_code}; load average "
+          f"{load_start[0]:.2f} at start, {load_end[0]:.2f} at end", flush=True)
     return {"preset": "tiny --quick variant of mlstm_v1-165m" if quick else "mlstm_v1-165m", "dtype": "float32",
             "weights": "random (zoo.init_params seed 0), no tokenizer", "params": zoo.param_count(cfg),
             "max_batch": MAX_BATCH, "prompt_tokens": PROMPT, "new_tokens": new_tokens, "requests": count,
             "rounds": rounds, "sampling": "greedy, streamed", "server_startup_s": startup_s,
             "server_exit_code": exit_code, "bandwidth_gbs": bandwidth, "matmul_gflops": gflops,
-            "compute_ceiling_tokens_per_s": compute_ceiling, **out}
+            "compute_ceiling_tokens_per_s": compute_ceiling, "load_avg_start": load_start, "load_avg_end": load_end,
+            **out}
 
 
 def _measure(cfg: Any, port: int, pid: int, requests: list[tuple[list[int], int]], rounds: int, bandwidth: float,
