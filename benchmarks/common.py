@@ -72,6 +72,11 @@ def median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
 
+def spread(xs: list[float]) -> float:
+    """(max - min) / median over the rounds: how noisy a figure is; nan for fewer than two rounds."""
+    return (max(xs) - min(xs)) / median(xs) if len(xs) > 1 else float("nan")
+
+
 def memory(compiled: Any) -> dict[str, int] | None:
     """XLA's planned memory of a compiled function: temp, arguments, outputs and peak (= their sum - aliases)."""
     ma = compiled.memory_analysis()

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import zoo
-from benchmarks.common import interleaved, median, no_compiles, torch_thread_variants
+from benchmarks.common import interleaved, median, no_compiles, spread, torch_thread_variants
 from benchmarks.export import with_dtype
 from benchmarks.generation import bytes_per_step
 from benchmarks.models import QUICK, replace_keys, torch_model
@@ -60,10 +60,6 @@ def preset_config(preset: str, variant: str, quick: bool) -> zoo.ModelConfig:
         data = with_dtype(data, "float32")
     return zoo.load_config(replace_keys(data, QUICK) if quick else data)
 
-
-def _spread(xs: list[float]) -> float:
-    """(max - min) / median over the rounds."""
-    return (max(xs) - min(xs)) / median(xs) if len(xs) > 1 else float("nan")
 
 
 class ZooRow:
@@ -162,7 +158,7 @@ def latency_vs_context(cfg: zoo.ModelConfig, params: Any, contexts: list[int], s
     for c, r in rows.items():
         ts = r.times[1:]
         out.append({"context": c, "zoo_ms_per_token": 1e3 * median(ts), "ms_per_token_rounds": [1e3 * t for t in ts],
-                    "spread": _spread(ts)})
+                    "spread": spread(ts)})
         print(f"  latency at context {c}: {out[-1]['zoo_ms_per_token']:.1f} ms/token", flush=True)
     return out
 
@@ -207,7 +203,7 @@ def run(quick: bool, rounds: int | None = None, steps: int | None = None, torch_
         ms = 1e3 * median(ts)
         roof = 1e3 * need / (probe.get(best, read_bandwidth_gbs(best)) * 1e9)
         torch_out[p] = {"api": t.api, "threads": best, "ms_per_token": ms, "ms_per_token_rounds": [1e3 * x for x in ts],
-                        "spread": _spread(ts), "tokens_per_s": 1e3 / ms, "roofline_ms": roof,
+                        "spread": spread(ts), "tokens_per_s": 1e3 / ms, "roofline_ms": roof,
                         "fraction_of_roofline": roof / ms,
                         "by_threads_ms": {str(n): 1e3 * median(x) for n, x in per_threads.items()}}
     out_rows = []
@@ -224,7 +220,7 @@ def run(quick: bool, rounds: int | None = None, steps: int | None = None, torch_
             "decode_layout": {"dtype": target.dtype, "lm_head_dtype": target.lm_head_dtype,
                               "scan_blocks": target.scan_blocks},
             "ms_per_step": ms, "ms_per_token": ms / r.batch, "ms_per_step_rounds": [1e3 * t for t in ts],
-            "spread": _spread(ts), "tokens_per_s": 1e3 * r.batch / ms, "bytes_per_step": need, "threads": cores,
+            "spread": spread(ts), "tokens_per_s": 1e3 * r.batch / ms, "bytes_per_step": need, "threads": cores,
             "bandwidth_gbs": probe[cores], "roofline_ms_per_step": roof, "fraction_of_roofline": roof / ms,
             "vs_torch": torch_ms / ms if torch_ms and r.batch == 1 else None})
     by_name = {r["name"]: r for r in out_rows}

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 
 import zoo
-from benchmarks.common import COMPILES, interleaved, matmul_fn, median, no_compiles
+from benchmarks.common import COMPILES, interleaved, matmul_fn, median, no_compiles, spread
 from benchmarks.models import zoo_config, zoo_params
 from zoo.model import decode_state_shapes
 
@@ -63,10 +63,6 @@ def bytes_per_step(cfg: Any, batch: int) -> int:
     row = table.shape[1] * table.dtype.itemsize
     return _nbytes(params) - _nbytes(table) + batch * row + 2 * _nbytes(decode_state_shapes(cfg, batch))
 
-
-def _spread(xs: list[float]) -> float:
-    """(max - min) / median of the rounds: how noisy the figure is."""
-    return (max(xs) - min(xs)) / median(xs) if xs else float("nan")
 
 
 def ragged(quick: bool) -> dict[str, Any]:
@@ -118,7 +114,7 @@ def ragged(quick: bool) -> dict[str, Any]:
                      "fraction_of_binding_ceiling": median(decode) / min(ceiling, compute_ceiling),
                      "prefill_s": median([r["prefill_s"] for r in rs]),
                      "tokens_per_s_rounds": wall, "decode_tokens_per_s_rounds": decode,
-                     "spread": _spread(wall), "decode_spread": _spread(decode), "rounds": rs}
+                     "spread": spread(wall), "decode_spread": spread(decode), "rounds": rs}
         row = out[name]
         print(f"  {name:>10}: {row['tokens_per_s']:7.1f} new tokens/s wall, {row['decode_tokens_per_s']:7.1f} decode-only"
               f" ({100 * row['fraction_of_ceiling']:.0f}% of {ceiling:.0f} tok/s bandwidth ceiling); spread "
@@ -171,7 +167,7 @@ def cli_second_call(quick: bool) -> dict[str, Any]:
                            "cache_files": cached_files, "cold": cold, "second_call": runs["warm"][0]}
     for name, rs in runs.items():
         out[name] = {key: median([r[key] for r in rs]) for key in cold}
-        out[name]["spread"] = _spread([r["wall_s"] for r in rs])
+        out[name]["spread"] = spread([r["wall_s"] for r in rs])
         out[name]["rounds"] = rs
     for name, label in (("cold", "cold cache"), ("warm", "warm cache"), ("off", "no cache")):
         print(f"  zoo generate, {label:>10}: {out[name]['wall_s']:.2f} s wall, prefill "

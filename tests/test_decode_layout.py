@@ -23,7 +23,8 @@ import helpers
 import zoo
 from zoo import decode_layout as dl
 from zoo.export.entries import decode_entry_config
-from zoo.inference import ModelRunner
+from zoo.inference import ModelRunner, SamplingParams, sampler_state
+from zoo.inference.decode import step_fn
 
 V, B, S, SPLIT = 61, 2, 6, 2
 TOKENS = np.random.default_rng(11).integers(0, V, (B, S)).astype(np.int32)
@@ -115,6 +116,36 @@ def test_the_per_block_view_holds_the_original_values_without_a_copy():
             aliased_bytes += rows[i].nbytes * aliased
     assert aliased_bytes > 0.99 * sum(x.nbytes for x in jax.tree_util.tree_leaves(params["blocks"]))
     assert view["lm_head"]["kernel"] is params["lm_head"]["kernel"]
+
+
+@pytest.mark.parametrize("layer", ["mlstm", "mlstm_v1"])
+def test_the_runner_steps_a_per_block_state_in_place(layer):
+    """The runner's state is one state per block, each step writes it into the donated buffers (a stacked state
+    made XLA:CPU allocate and page-fault in a new one at every step), and it decodes as the stacked state does."""
+    cfg = config(layer, True, "float32")
+    params = params_of(cfg, seed=2)
+    runner = ModelRunner(cfg, params)
+    sampler = sampler_state([SamplingParams()] * B, TOKENS.tolist(), V)
+    _, first, state, sampler = runner.prefill(TOKENS[:, :SPLIT], np.full(B, SPLIT, np.int32), sampler, 0)
+    stacked = zoo.prefill(cfg, params, TOKENS[:, :SPLIT])[1]
+    assert isinstance(state, list) and len(state) == cfg.num_blocks and dl.state_batch_axis(state) == 0
+    for i, block in enumerate(state):  # block i's rows of the stacked state
+        for key, value in block.items():
+            np.testing.assert_allclose(np.asarray(value), np.asarray(stacked[key][i]), rtol=1e-6, atol=1e-6)
+    if layer == "mlstm":  # its state dominates a step's buffers: the step holds no copy of it
+        config_, view = runner.decode
+        step = step_fn(config_, view, 0).lower(view, first.tokens, state, sampler).compile()
+        assert step.memory_analysis().temp_size_in_bytes < 0.5 * sum(x.nbytes for x in jax.tree_util.tree_leaves(state))
+    for t in range(SPLIT, S):
+        pointers = [leaf.unsafe_buffer_pointer() for leaf in jax.tree_util.tree_leaves(state)]
+        sampled, state, sampler = runner.step(jnp.asarray(TOKENS[:, t]), state, sampler, 0)
+        assert [leaf.unsafe_buffer_pointer() for leaf in jax.tree_util.tree_leaves(state)] == pointers
+        logits, stacked = zoo.step(cfg, params, TOKENS[:, t], stacked)  # the public step, on the stacked state
+        np.testing.assert_array_equal(np.asarray(sampled.tokens), np.asarray(logits).argmax(-1))
+    for i, block in enumerate(state):
+        for key, value in block.items():
+            np.testing.assert_allclose(np.asarray(value), np.asarray(stacked[key][i]), rtol=1e-5, atol=1e-6)
+    assert dl.state_batch_axis(stacked) == 1
 
 
 @pytest.mark.parametrize("scan", [True, False])

@@ -142,6 +142,21 @@ def decode_layout(config: ModelConfig, params: Any) -> tuple[ModelConfig, Any]:
     return target, view
 
 
+@jax.jit
+def per_block_state(state: Any) -> list[Any]:
+    """A stacked decoding state (leaves ``(NB, B, ...)``, as ``zoo.prefill`` returns it) as one state per block
+    (a list of ``NB`` dicts of ``(B, ...)`` arrays, new buffers), the form the decoding steps of an unscanned
+    layout take and return. Each block's state then lives in buffers of its own, so a step that donates it
+    updates it in place; a stacked state makes XLA:CPU allocate (and page-fault in) a new one at every step."""
+    count = jax.tree_util.tree_leaves(state)[0].shape[0]
+    return [jax.tree_util.tree_map(lambda a: a[i], state) for i in range(count)]
+
+
+def state_batch_axis(state: Any) -> int:
+    """The batch axis of ``state``'s leaves: 0 for a per-block state (``per_block_state``), 1 for a stacked one."""
+    return 0 if isinstance(state, (list, tuple)) else 1
+
+
 def prefill_config(config: ModelConfig, params: Any) -> ModelConfig:
     """The config a decoding prefill of ``params`` runs: ``decode_config``'s compute dtypes with the config's own
     block layout and parameters (a prompt amortises the weight reads over its tokens). ``config`` itself on a

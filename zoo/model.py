@@ -36,7 +36,9 @@ class LMModel(nn.Module):
 
     In ``prefill`` and ``step`` mode it also takes and returns the decoding state: a dict of
     arrays whose leading axis is the block (``c``, ``n``, ``m`` of every cell, plus ``conv`` for
-    ``mlstm``); ``prefill`` starts from zeros when no state is given. ``lengths (B,)`` int32 marks a
+    ``mlstm``); ``prefill`` starts from zeros when no state is given. Unscanned configs also take a list of one
+    such dict per block, without the block axis (``zoo.decode_layout.per_block_state``), and return the new
+    state in that form. ``lengths (B,)`` int32 marks a
     right-padded ragged batch: row b's real tokens are its first ``lengths[b]``, every later position
     leaves the state untouched (its logits are finite and meaningless), and the returned state of row b
     is the one after its last real token. ``logits_at (B,)`` int32 runs the head at one position per row only:
@@ -76,13 +78,20 @@ class LMModel(nn.Module):
                             metadata_params={nn.PARTITION_NAME: "layers"})
             x, new_state = stack(*block_args, name="blocks")(x, document_borders, state, lengths)
         else:
+            per_block = isinstance(state, (list, tuple))
             states = []
             for idx in range(cfg.num_blocks):
-                block_state = None if state is None else jax.tree_util.tree_map(lambda a: a[idx], state)
+                block_state = state[idx] if per_block else (
+                    None if state is None else jax.tree_util.tree_map(lambda a: a[idx], state))
                 x, block_state = block_cls(*block_args, name=f"blocks_{idx}")(x, document_borders, block_state,
                                                                               lengths)
                 states.append(block_state)
-            new_state = None if mode == "forward" else jax.tree_util.tree_map(lambda *a: jnp.stack(a), *states)
+            if mode == "forward":
+                new_state = None
+            elif per_block:  # each block's state in its own buffers: a donated state is updated in place
+                new_state = states
+            else:
+                new_state = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *states)
         x = nn.with_logical_constraint(x, RESIDUAL_AXES)
         if logits_at is not None:
             x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)
@@ -113,7 +122,7 @@ def init_fn(config: ModelConfig):
 
 
 def _boxed_param_shapes(config: ModelConfig) -> Params:
-    return jax.eval_shape(init_fn(config), jax.random.PRNGKey(0))
+    return jax.eval_shape(init_fn(config), jax.ShapeDtypeStruct((2,), jnp.uint32))  # a key's shape: nothing is placed
 
 
 def boxed_param_shapes(config: ModelConfig) -> Params:

@@ -20,7 +20,7 @@ import numpy as np
 
 from zoo import compiled, runtime, sharding
 from zoo.config import ModelConfig, check_config
-from zoo.decode_layout import decode_layout
+from zoo.decode_layout import decode_layout, per_block_state
 from zoo.inference.batch import pad, per_prompt, prompt_lists
 from zoo.inference.sampling import GenerationError, Sampled, SamplerState, SamplingParams, sample, sampler_state
 from zoo.inference.stopping import OnText, RowOutput, stop_lists
@@ -108,8 +108,10 @@ class ModelRunner:
     position only (``runtime.prefill_next``), then the compiled step fused with sampling.
 
     Both compute in float32 where the platform emulates the config's dtype (a CPU; docs/decoding.md), and the
-    steps run per block whatever ``scan_blocks`` says, on a view of the params built at the first step and
-    cached for as long as the params live (``zoo.decode_layout``)."""
+    steps run per block whatever ``scan_blocks`` says, on a view of the params built at the first prefill and
+    cached for as long as the params live (``zoo.decode_layout``). Where the steps run per block, the state
+    ``prefill`` returns and ``step`` takes is one state per block (``zoo.decode_layout.per_block_state``), which
+    each step updates in place."""
 
     def __init__(self, config: ModelConfig, params: Params):
         self.config, self.params = config, params
@@ -128,6 +130,8 @@ class ModelRunner:
     def prefill(self, tokens: np.ndarray, lengths: np.ndarray, sampler: SamplerState,
                 num_logprobs: int) -> tuple[Any, Sampled, Any, SamplerState]:
         last, state = runtime.prefill_next(self.config, self.params, tokens, lengths=lengths)
+        if not self.decode[0].scan_blocks:
+            state = per_block_state(state)
         first, sampler = compiled.compiled(_make_first, self.config, self.mesh, num_logprobs)(last, sampler)
         return last, first, state, sampler
 

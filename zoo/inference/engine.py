@@ -1,7 +1,8 @@
 """Continuous batching over a fixed table of decoding-state slots: the engine behind ``zoo serve`` (no HTTP here).
 
 An xLSTM's decoding state has one fixed size per sequence, whatever its context length, so the engine allocates
-``max_batch`` slots once: the state arrays with ``max_batch`` rows on axis 1 (axis 0 is the block), the sampler
+``max_batch`` slots once: the state arrays with ``max_batch`` rows (on axis 0 of each block's arrays where the steps
+run per block, else on axis 1 of the stacked arrays, axis 0 being the block), the sampler
 rows (``SamplerState``, rows on axis 0) and the current token of each slot. One background thread owns the device:
 
 1. it ends what was cancelled or timed out, freeing its slot;
@@ -37,6 +38,7 @@ import numpy as np
 
 from zoo.checks import TokenError
 from zoo.compiled import commit
+from zoo.decode_layout import state_batch_axis
 from zoo.errors import ZooError
 from zoo.inference.batch import pad
 from zoo.inference.decode import Runner
@@ -151,9 +153,11 @@ class Ticket:
 @functools.partial(jax.jit, donate_argnums=(0, 1, 2))
 def _write_slots(state: Any, sampler: SamplerState, tokens: jax.Array, new_state: Any, new_sampler: SamplerState,
                  new_tokens: jax.Array, slots: jax.Array) -> tuple[Any, SamplerState, jax.Array]:
-    """Row ``i`` of the new state (axis 1), sampler and tokens (axis 0) into slot ``slots[i]``; a slot index out of
-    range (``max_batch``) drops its row (the padding of a prefill batch). The table's buffers are reused."""
-    state = jax.tree_util.tree_map(lambda t, n: t.at[:, slots].set(n.astype(t.dtype), mode="drop"), state, new_state)
+    """Row ``i`` of the new state (on its batch axis), sampler and tokens (axis 0) into slot ``slots[i]``; a slot
+    index out of range (``max_batch``) drops its row (the padding of a prefill batch). The table's buffers are
+    reused."""
+    rows = (slice(None),) * state_batch_axis(state) + (slots,)
+    state = jax.tree_util.tree_map(lambda t, n: t.at[rows].set(n.astype(t.dtype), mode="drop"), state, new_state)
     sampler = jax.tree_util.tree_map(lambda t, n: t.at[slots].set(n.astype(t.dtype), mode="drop"), sampler,
                                      new_sampler)
     return state, sampler, tokens.at[slots].set(new_tokens.astype(tokens.dtype), mode="drop")
