@@ -11,6 +11,7 @@ import jax
 import numpy as np
 from jax import monitoring
 
+import zoo
 from zoo.config import LayerConfig
 from zoo.nn.cell import run_cell
 from zoo.nn.factories import gate_bias_init
@@ -166,3 +167,17 @@ def byte_bpe_codec(eos_ids: tuple[int, ...] = ()):
         vocab_size=300, special_tokens=["<|endoftext|>"], show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     return Codec(tokenizer, eos_ids=eos_ids)
+
+
+GENERATION_CONFIG = {"vocab_size": 300, "embedding_dim": 32, "num_blocks": 2, "dtype": "float32", "context_length": 64,
+                     "mlstm_block": {"mlstm": {"num_heads": 2, "mlstm_cell": {"prefill_backend": {
+                         "name": "chunkwise", "kwargs": {"chunk_size": 8}}}}}}
+"""The small ``mlstm`` the generation and engine tests decode with (prefill chunks of 8 tokens)."""
+TOP2_MARGIN = 1e-4
+"""The exactness rule of batched decoding: greedy tokens equal the alone run's wherever its top-2 margin exceeds this."""
+
+
+def generation_model():
+    """``GENERATION_CONFIG`` loaded, with params from seed 1."""
+    config = zoo.load_config(GENERATION_CONFIG)
+    return config, zoo.init_params(config, seed=1)

@@ -15,21 +15,16 @@ import numpy as np
 import pytest
 
 import zoo
-from helpers import COMPILES, byte_bpe_codec
+from helpers import COMPILES, TOP2_MARGIN as MARGIN, byte_bpe_codec, generation_model
 from zoo.inference import ArtifactRunner, GenerationError, ModelRunner, SamplingParams
 from zoo.inference.engine import Delta, Engine, EngineClosed, EngineRequest, QueueFull
 
-CONFIG = {"vocab_size": 300, "embedding_dim": 32, "num_blocks": 2, "dtype": "float32", "context_length": 64,
-          "mlstm_block": {"mlstm": {"num_heads": 2, "mlstm_cell": {"prefill_backend": {
-              "name": "chunkwise", "kwargs": {"chunk_size": 8}}}}}}
-MARGIN = 1e-4
 WAIT_S = 60
 
 
 @pytest.fixture(scope="module")
 def model():
-    config = zoo.load_config(CONFIG)
-    return config, zoo.init_params(config, seed=1)
+    return generation_model()
 
 
 @pytest.fixture(scope="module")

@@ -18,19 +18,14 @@ import pytest
 
 import zoo
 import zoo.inference
-from helpers import COMPILES, byte_bpe_codec, invoke_cli as invoke
+from helpers import COMPILES, TOP2_MARGIN as MARGIN, byte_bpe_codec, generation_model, invoke_cli as invoke
 
-CONFIG = {"vocab_size": 300, "embedding_dim": 32, "num_blocks": 2, "dtype": "float32", "context_length": 64,
-          "mlstm_block": {"mlstm": {"num_heads": 2, "mlstm_cell": {"prefill_backend": {
-              "name": "chunkwise", "kwargs": {"chunk_size": 8}}}}}}
 PROMPTS = [[5, 17, 3], list(range(20, 31)), [7], list(range(40, 58))]  # lengths 3, 11, 1, 18: across chunks of 8
-MARGIN = 1e-4
 
 
 @pytest.fixture(scope="module")
 def model():
-    config = zoo.load_config(CONFIG)
-    return config, zoo.init_params(config, seed=1)
+    return generation_model()
 
 
 @pytest.fixture(scope="module")
