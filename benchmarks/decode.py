@@ -61,7 +61,6 @@ def preset_config(preset: str, variant: str, quick: bool) -> zoo.ModelConfig:
     return zoo.load_config(replace_keys(data, QUICK) if quick else data)
 
 
-
 class ZooRow:
     """One zoo candidate: a runner, a prefilled state to start every round from, and its per-step times."""
 

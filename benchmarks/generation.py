@@ -64,7 +64,6 @@ def bytes_per_step(cfg: Any, batch: int) -> int:
     return _nbytes(params) - _nbytes(table) + batch * row + 2 * _nbytes(decode_state_shapes(cfg, batch))
 
 
-
 def ragged(quick: bool) -> dict[str, Any]:
     """Tokens/s of 8 ragged prompts in one ``generate`` call vs 8 calls of one prompt, with no compile timed."""
     cfg = zoo_config(quick)

@@ -41,6 +41,17 @@ def test_a_prompt_of_context_length_runs_and_one_more_is_refused_before_dispatch
         zoo.generate(config, params, TOKENS[:, :CONTEXT + 1], 2)
 
 
+def test_the_first_check_of_a_config_places_nothing_on_the_device():
+    """The host checks build the expected parameter shapes abstractly: the first call with a config (nothing cached
+    for it yet) refuses a bad id under a transfer guard, with no host-to-device copy (a PRNG key placed to trace the
+    initialiser used to fail here whenever this ran before any other call of its config)."""
+    config = zoo.load_config({**SPEC, "vocab_size": V + 4})  # no other test uses it: its shapes are not cached
+    params = zoo.init_params(config, seed=0)
+    for call in (zoo.forward, zoo.prefill):
+        with jax.transfer_guard("disallow"), pytest.raises(TokenError, match=f"id {V + 4} at index"):
+            call(config, params, [[1, V + 4]])
+
+
 @pytest.mark.slow
 def test_decoding_continues_past_context_length(model):
     config, params = model

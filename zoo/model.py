@@ -38,10 +38,9 @@ class LMModel(nn.Module):
     arrays whose leading axis is the block (``c``, ``n``, ``m`` of every cell, plus ``conv`` for
     ``mlstm``); ``prefill`` starts from zeros when no state is given. Unscanned configs also take a list of one
     such dict per block, without the block axis (``zoo.decode_layout.per_block_state``), and return the new
-    state in that form. ``lengths (B,)`` int32 marks a
-    right-padded ragged batch: row b's real tokens are its first ``lengths[b]``, every later position
-    leaves the state untouched (its logits are finite and meaningless), and the returned state of row b
-    is the one after its last real token. ``logits_at (B,)`` int32 runs the head at one position per row only:
+    state in that form. ``lengths (B,)`` int32 marks a right-padded ragged batch: row b's real tokens are its
+    first ``lengths[b]``, every later position leaves the state untouched (its logits are finite and
+    meaningless), and the returned state of row b is the one after its last real token. ``logits_at (B,)`` int32 runs the head at one position per row only:
     logits ``(B, 1, vocab_size)``.
     """
 
