@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -9,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 import zoo
-from benchmarks.common import median
+from benchmarks.common import median, spread
 
 PRESETS = ("mlstm_v1-165m", "mlstm_v1-1.3b")
 
@@ -36,6 +37,7 @@ def _compile_seconds(preset: str, S: int, scan_blocks: bool) -> dict[str, float]
 def run(quick: bool) -> dict[str, Any]:
     """The ``compile`` section of ``bench.json``: median over alternating rounds, fresh functions each time."""
     S, rounds = 2048, (1 if quick else 2)
+    load_start = list(os.getloadavg())
     results: dict[str, Any] = {}
     for scan in ((True,) if quick else (True, False)):
         runs: dict[str, list[dict[str, float]]] = {p: [] for p in PRESETS}
@@ -44,8 +46,9 @@ def run(quick: bool) -> dict[str, Any]:
                 runs[preset].append(_compile_seconds(preset, S, scan))
         results[f"scan_blocks={scan}"] = {
             p: {"init_s": median([r["init_s"] for r in rs]), "forward_s": median([r["forward_s"] for r in rs]),
-                "rounds": rs, "params": zoo.param_count(zoo.load_config(p))} for p, rs in runs.items()}
-        print(f"  compile scan_blocks={scan}: " + ", ".join(
-            f"{p} init {v['init_s']:.1f} s forward {v['forward_s']:.1f} s"
+                "forward_spread": spread([r["forward_s"] for r in rs]), "rounds": rs,
+                "params": zoo.param_count(zoo.load_config(p))} for p, rs in runs.items()}
+        print(f"  compile scan_blocks={scan} (load average {os.getloadavg()[0]:.2f}): " + ", ".join(
+            f"{p} init {v['init_s']:.1f} s forward {v['forward_s']:.1f} s (rounds spread {100 * v['forward_spread']:.0f}%)"
             for p, v in results[f"scan_blocks={scan}"].items()), flush=True)
-    return {"S": S, "batch": 1, **results}
+    return {"S": S, "batch": 1, **results, "load_avg_start": load_start, "load_avg_end": list(os.getloadavg())}

@@ -69,6 +69,10 @@ import numpy as np
 
 import zoo
 
+if __package__ in (None, ""):  # run as a script: the repository root holds the benchmarks package
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import no_compiles, spread  # noqa: E402
+
 GIB = 1024**3
 FORMATS = ("stablehlo-file", "stablehlo-baked", "savedmodel")
 TARGETS = {"stablehlo-file": 1.05, "stablehlo-baked": 1.05, "savedmodel": 1.3}
@@ -293,21 +297,23 @@ def bench_batch(B, S, cfg, params, runners, args):
               + ("" if err is None else f", max rel err vs jax {err:.2e}"), flush=True)
     del ref
 
-    for r in range(args.repeats):  # round-robin, so background load hits every runner alike
-        line = []
-        for name, call in calls.items():
-            t0 = time.perf_counter()
-            call(tok)
-            ms = (time.perf_counter() - t0) * 1e3
-            res[name]["all_ms"].append(ms)
-            line.append(f"{name} {fmt_ms(ms)}")
-        print(f"  B={B} round {r + 1}/{args.repeats}: " + ", ".join(line) + " ms", flush=True)
+    with no_compiles(f"the export rounds at B={B}"):  # JAX's compiles; a SavedModel runs a traced TF graph
+        for r in range(args.repeats):  # round-robin, so background load hits every runner alike
+            line = []
+            for name, call in calls.items():
+                t0 = time.perf_counter()
+                call(tok)
+                ms = (time.perf_counter() - t0) * 1e3
+                res[name]["all_ms"].append(ms)
+                line.append(f"{name} {fmt_ms(ms)}")
+            print(f"  B={B} round {r + 1}/{args.repeats}: " + ", ".join(line) + " ms", flush=True)
 
     rows = []
     jax_ms = statistics.median(res["jax"]["all_ms"])
     for name, r in res.items():
         ms = statistics.median(r["all_ms"])
-        row = {"B": B, "S": S, "format": name, "median_ms": ms, "jax_median_ms": jax_ms, **r}
+        row = {"B": B, "S": S, "format": name, "median_ms": ms, "spread": spread(r["all_ms"]), "jax_median_ms": jax_ms,
+               **r}
         if name != "jax":
             ratio = ms / jax_ms
             correct = r["max_rel_err"] <= args.tol
@@ -324,20 +330,22 @@ def fmt_ms(x):
 
 
 def print_table(rows, info, meta):
-    headers = ["B", "S", "format", "export s", "1st call s", "median ms", "jax ms", "ratio", "target", "met",
+    headers = ["B", "S", "format", "export s", "1st call s", "median ms", "spread", "jax ms", "ratio", "target", "met",
                "max rel err"]
     body = []
     for r in rows:
         jax_row = r["format"] == "jax"
         body.append([str(r["B"]), str(r["S"]), r["format"],
                      "-" if jax_row else f"{info[r['format']]['export_s']:.1f}",
-                     f"{r['first_call_s']:.1f}", fmt_ms(r["median_ms"]), fmt_ms(r["jax_median_ms"]),
+                     f"{r['first_call_s']:.1f}", fmt_ms(r["median_ms"]), f"{100 * r['spread']:.0f}%",
+                     fmt_ms(r["jax_median_ms"]),
                      "1.00" if jax_row else f"{r['ratio']:.3f}",
                      "-" if jax_row else f"<= {r['target']:.2f}",
                      "-" if jax_row else ("yes" if r["met"] else ("WRONG OUTPUT" if not r["correct"] else "no")),
                      "-" if jax_row else f"{r['max_rel_err']:.1e}"])
     title = (f"{meta['preset']} {meta['dtype']} forward on {meta['device']} ({meta['cpu_count']} cores) | "
-             f"median of {meta['repeats']} interleaved rounds")
+             f"median of {meta['repeats']} interleaved rounds | load average {meta['load_avg_start'][0]:.2f} at start, "
+             f"{meta['load_avg_end'][0]:.2f} at end")
     notes = [f"ratio = median(format) / median(jax) from the same rounds; max rel err = max|out - jax| / max|jax| "
              f"(tolerance {meta['tol']:g})"]
     notes += [f"{name} not benchmarked: {rec['skipped']}" for name, rec in info.items() if "skipped" in rec]

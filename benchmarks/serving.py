@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 import zoo
-from benchmarks.common import fmt_bytes, median, no_compiles
+from benchmarks.common import fmt_bytes, median, no_compiles, spread
 from benchmarks.generation import bandwidth_gbs, bytes_per_step, matmul_gflops
 from benchmarks.models import zoo_config, zoo_params
 
@@ -284,7 +284,7 @@ def _measure(cfg: Any, port: int, pid: int, requests: list[tuple[list[int], int]
         itl = [v for r in rs for x in r["results"] for v in x["itl_s"]]
         batch = min(c, MAX_BATCH)
         ceiling = batch * bandwidth * 1e9 / bytes_per_step(cfg, batch)
-        row = {"clients": c, "tokens_per_s": median(tps), "tokens_per_s_rounds": tps,
+        row = {"clients": c, "tokens_per_s": median(tps), "tokens_per_s_rounds": tps, "spread": spread(tps),
                "decode_ceiling_tokens_per_s": ceiling, "fraction_of_ceiling": median(tps) / min(ceiling,
                                                                                                  compute_ceiling),
                "client": {"ttft_s": _percentiles(ttft), "itl_s": _percentiles(itl)},
@@ -295,7 +295,8 @@ def _measure(cfg: Any, port: int, pid: int, requests: list[tuple[list[int], int]
         sequential = sequential or row["tokens_per_s"]
         row["speedup_vs_one_at_a_time"] = row["tokens_per_s"] / sequential
         out["concurrency"][str(c)] = row
-        print(f"  {c:>2} clients: {row['tokens_per_s']:7.1f} tok/s ({row['speedup_vs_one_at_a_time']:.2f}x one at a "
+        print(f"  {c:>2} clients: {row['tokens_per_s']:7.1f} tok/s (rounds spread {100 * row['spread']:.0f}%; "
+              f"{row['speedup_vs_one_at_a_time']:.2f}x one at a "
               f"time; ceiling {min(ceiling, compute_ceiling):.0f} tok/s); TTFT p50/p99 client "
               f"{1e3 * row['client']['ttft_s']['p50']:.0f}/{1e3 * row['client']['ttft_s']['p99']:.0f} ms, server "
               f"{1e3 * row['server']['ttft_s']['p50']:.0f}/{1e3 * row['server']['ttft_s']['p99']:.0f} ms; ITL p50/p99 "
