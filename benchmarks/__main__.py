@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import tempfile
@@ -25,45 +26,17 @@ def _export(quick: bool) -> dict[str, Any]:
                             "--formats", formats, "--out", str(Path(tmp) / "export.json")])
 
 
+MODULES = {"kernel": "kernel", "model": "prefill", "decode": "decode", "compile": "compile_time",
+           "generation": "generation", "training": "training", "int8": "int8", "quantization": "quantization",
+           "serving": "serving"}
+"""The module under ``benchmarks`` whose ``run(quick)`` measures each section but ``export`` (``_export``)."""
+
+
 def run_section(name: str, quick: bool) -> dict[str, Any]:
     """Run one benchmark section and return its figures."""
-    if name == "kernel":
-        from benchmarks import kernel
-
-        return kernel.run(quick)
-    if name == "model":
-        from benchmarks import prefill
-
-        return prefill.run(quick)
-    if name == "decode":
-        from benchmarks import decode
-
-        return decode.run(quick)
-    if name == "compile":
-        from benchmarks import compile_time
-
-        return compile_time.run(quick)
-    if name == "generation":
-        from benchmarks import generation
-
-        return generation.run(quick)
-    if name == "training":
-        from benchmarks import training
-
-        return training.run(quick)
-    if name == "int8":
-        from benchmarks import int8
-
-        return int8.run(quick)
-    if name == "quantization":
-        from benchmarks import quantization
-
-        return quantization.run(quick)
-    if name == "serving":
-        from benchmarks import serving
-
-        return serving.run(quick)
-    return _export(quick)
+    if name == "export":
+        return _export(quick)
+    return importlib.import_module(f"benchmarks.{MODULES[name]}").run(quick)
 
 
 def main(argv: list[str] | None = None) -> None:

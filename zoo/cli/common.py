@@ -191,19 +191,26 @@ SetOption = Annotated[list[str] | None, typer.Option(
     "parallel.fsdp_axis_size=1, --set parallel=null, --set dtype=float32")]
 
 
+def key_values(items: list[str] | None, flag: str, example: str) -> dict[str, Any]:
+    """``KEY=VALUE`` items of option ``flag`` as a dict in order (VALUE as JSON, else a string); one line naming
+    ``flag`` with ``example`` and exit 2 for an item without a key or ``=``."""
+    values: dict[str, Any] = {}
+    for item in items or []:
+        key, equals, text = item.partition("=")
+        if not equals or not key.strip():
+            fail(f"{flag} needs KEY=VALUE, e.g. {example}; got {item!r}")
+        try:
+            values[key.strip()] = json.loads(text)
+        except json.JSONDecodeError:
+            values[key.strip()] = text
+    return values
+
+
 def load_config_with(config: str, sets: list[str] | None) -> Any:
     """The validated CONFIG with each ``--set KEY=VALUE`` applied in order; exit 2 with the field named otherwise."""
     from zoo.config_source import load_config
 
-    overrides: dict[str, Any] = {}
-    for item in sets or []:
-        key, equals, text = item.partition("=")
-        if not equals or not key.strip():
-            fail(f"--set needs KEY=VALUE, e.g. parallel.fsdp_axis_size=1; got {item!r}")
-        try:
-            overrides[key.strip()] = json.loads(text)
-        except json.JSONDecodeError:
-            overrides[key.strip()] = text
+    overrides = key_values(sets, "--set", "parallel.fsdp_axis_size=1")
     with bad_input_exits(f"{config} with --set" if overrides else config):
         cfg = load_config(config)
         return cfg.with_overrides(overrides) if overrides else cfg

@@ -3,34 +3,19 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.markup import escape
 
-from zoo.cli.common import StepOption, bad_input_exits, fail, load_checkpoint, out, out_path
+from zoo.cli.common import StepOption, bad_input_exits, key_values, load_checkpoint, out, out_path
 
 OptionsOption = Annotated[list[str] | None, typer.Option(
     "--option", metavar="KEY=VALUE", help="an option of the method (repeatable), VALUE a JSON value; int8: "
     "lm_head=false keeps the head in float32, embedding=true also quantises the embedding table, "
     "exclude='[\"blocks_*/ffn/*\"]' lists module paths to keep in float32")]
-
-
-def parse_options(items: list[str] | None) -> dict[str, Any]:
-    """``--option KEY=VALUE`` items as a dict (VALUE as JSON, else a string); one line and exit 2 otherwise."""
-    options: dict[str, Any] = {}
-    for item in items or []:
-        key, equals, text = item.partition("=")
-        if not equals or not key.strip():
-            fail(f"--option needs KEY=VALUE, e.g. lm_head=false; got {item!r}")
-        try:
-            options[key.strip()] = json.loads(text)
-        except json.JSONDecodeError:
-            options[key.strip()] = text
-    return options
 
 
 def quantize_command(
@@ -56,7 +41,7 @@ def quantize_command(
     from zoo.summary import format_bytes
     from zoo.tokenizers import load_codec
 
-    kwargs = parse_options(options)
+    kwargs = key_values(options, "--option", "lm_head=false")
     with bad_input_exits(str(out_dir)):
         target = classify_path(out_dir)
         if target.kind not in ("missing", "empty"):
